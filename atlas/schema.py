@@ -1,0 +1,202 @@
+"""The atlas schema: explicit SQLAlchemy Core tables (no reflection), views, and its version.
+
+Tidy long tables keyed by model/layer/head with provenance in `runs`; wide views for people.
+DDL is compiled with the PostgreSQL dialect, which DuckDB speaks for everything used here.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.schema import CreateTable
+
+SCHEMA_VERSION = 1
+DIALECT = postgresql.dialect(paramstyle="qmark")
+
+metadata = sa.MetaData()
+
+
+def _head_key() -> list[sa.Column]:
+    return [
+        sa.Column("run_id", sa.String, primary_key=True),
+        sa.Column("model_key", sa.String, nullable=False),
+        sa.Column("layer", sa.Integer, primary_key=True),
+        sa.Column("head", sa.Integer, primary_key=True),
+    ]
+
+
+atlas_meta = sa.Table(
+    "atlas_meta",
+    metadata,
+    sa.Column("key", sa.String, primary_key=True),
+    sa.Column("value", sa.String, nullable=False),
+)
+
+models = sa.Table(
+    "models",
+    metadata,
+    sa.Column("model_key", sa.String, primary_key=True),
+    sa.Column("alias", sa.String),
+    sa.Column("source", sa.String, nullable=False),
+    sa.Column("revision", sa.String),
+    sa.Column("file_hash", sa.String),
+    sa.Column("format", sa.String, nullable=False),
+    sa.Column("quantization", sa.String),
+    sa.Column("dtype", sa.String, nullable=False),
+    sa.Column("architecture", sa.String, nullable=False),
+    sa.Column("n_layers", sa.Integer, nullable=False),
+    sa.Column("n_heads", sa.Integer, nullable=False),
+    sa.Column("n_kv_heads", sa.Integer, nullable=False),
+    sa.Column("d_model", sa.Integer, nullable=False),
+    sa.Column("d_head", sa.Integer, nullable=False),
+    sa.Column("vocab_size", sa.Integer, nullable=False),
+    sa.Column("added_at", sa.DateTime(timezone=True)),
+)
+
+runs = sa.Table(
+    "runs",
+    metadata,
+    sa.Column("run_id", sa.String, primary_key=True),
+    sa.Column("model_key", sa.String, nullable=False),
+    sa.Column("family", sa.String, nullable=False),
+    sa.Column("family_version", sa.Integer, nullable=False),
+    sa.Column("probe_set", sa.String, nullable=False),
+    sa.Column("config", sa.JSON, nullable=False),
+    sa.Column("config_hash", sa.String, nullable=False),
+    sa.Column("code_version", sa.String, nullable=False),
+    sa.Column("device", sa.String),
+    sa.Column("tokens", sa.BigInteger),
+    sa.Column("seconds", sa.Double),
+    sa.Column("status", sa.String, nullable=False),
+    sa.Column("error", sa.String),
+    sa.Column("started_at", sa.DateTime(timezone=True)),
+    sa.Column("finished_at", sa.DateTime(timezone=True)),
+)
+
+head_metrics = sa.Table(
+    "head_metrics",
+    metadata,
+    *_head_key(),
+    sa.Column("metric", sa.String, primary_key=True),
+    sa.Column("value", sa.Double, nullable=False),  # DOUBLE, not REAL: sa.Float would be 32-bit here
+    sa.Column("n", sa.BigInteger),
+    sa.Column("stderr", sa.Double),
+)
+
+head_tokens = sa.Table(
+    "head_tokens",
+    metadata,
+    *_head_key(),
+    sa.Column("kind", sa.String, primary_key=True),  # promote / suppress / lens / pursuit ...
+    sa.Column("rank", sa.Integer, primary_key=True),
+    sa.Column("token_id", sa.BigInteger, nullable=False),
+    sa.Column("token_text", sa.String, nullable=False),
+    sa.Column("score", sa.Double, nullable=False),
+)
+
+concepts = sa.Table(
+    "concepts",
+    metadata,
+    sa.Column("name", sa.String, primary_key=True),
+    sa.Column("words", sa.JSON, nullable=False),
+    sa.Column("source", sa.String, nullable=False),
+)
+
+concept_scores = sa.Table(
+    "concept_scores",
+    metadata,
+    *_head_key(),
+    sa.Column("concept", sa.String, primary_key=True),
+    sa.Column("score", sa.Double, nullable=False),
+    sa.Column("rank", sa.Integer, nullable=False),
+)
+
+edits = sa.Table(
+    "edits",
+    metadata,
+    sa.Column("run_id", sa.String, primary_key=True),
+    sa.Column("edit_id", sa.String, primary_key=True),
+    sa.Column("model_key", sa.String, nullable=False),
+    sa.Column("concept", sa.String),
+    sa.Column("k", sa.Integer, nullable=False),
+    sa.Column("alpha", sa.Double, nullable=False),
+    sa.Column("selection", sa.String, nullable=False),  # pursuit / logit-lens / random seed n
+    sa.Column("heads", sa.JSON, nullable=False),
+    sa.Column("metric", sa.String, nullable=False),
+    sa.Column("before", sa.Double),
+    sa.Column("after", sa.Double),
+)
+
+run_metrics = sa.Table(  # run-level numbers: method agreement, masking checks, grids
+    "run_metrics",
+    metadata,
+    sa.Column("run_id", sa.String, primary_key=True),
+    sa.Column("metric", sa.String, primary_key=True),
+    sa.Column("value", sa.Double),
+    sa.Column("detail", sa.JSON),
+)
+
+role_thresholds = sa.Table(
+    "role_thresholds",
+    metadata,
+    sa.Column("metric", sa.String, primary_key=True),
+    sa.Column("threshold", sa.Double, nullable=False),
+    sa.Column("label", sa.String, nullable=False),
+    sa.Column("source", sa.String, nullable=False),
+)
+
+# Tables a shard may carry, in ingest order; all but `concepts` are keyed by run_id.
+SHARD_TABLES = ("head_metrics", "head_tokens", "concepts", "concept_scores", "edits", "run_metrics")
+
+DEFAULT_THRESHOLDS = [
+    ("patterns.induction", 0.4, "induction", "ARENA stripe-score label threshold"),
+    ("patterns.prev_token", 0.4, "previous-token", "ARENA stripe-score label threshold"),
+    ("patterns.duplicate_token", 0.4, "duplicate-token", "ARENA stripe-score label threshold"),
+    ("patterns.bos_sink", 0.3, "bos-sink", "Gu et al. arXiv 2410.10781, epsilon = 0.3"),
+    ("retrieval.score", 0.1, "retrieval", "Wu et al. arXiv 2404.15574, score > 0.1"),
+]
+
+VIEWS = {
+    # Latest complete run per (model, metric): re-running with a new config supersedes, history stays.
+    "latest_metrics": """
+        SELECT hm.* FROM head_metrics hm JOIN runs r USING (run_id)
+        WHERE r.status = 'complete'
+        QUALIFY row_number() OVER (
+            PARTITION BY hm.model_key, hm.metric, hm.layer, hm.head ORDER BY r.finished_at DESC) = 1
+    """,
+    "heads": """
+        SELECT m.model_key, m.alias, l.layer, h.head,
+               h.head // (m.n_heads // m.n_kv_heads) AS kv_head,
+               CASE WHEN m.n_layers > 1 THEN l.layer / (m.n_layers - 1) ELSE 0.0 END AS depth,
+               m.n_layers, m.n_heads, m.n_kv_heads
+        FROM models m,
+             (SELECT model_key, unnest(range(n_layers)) AS layer FROM models) l,
+             (SELECT model_key, unnest(range(n_heads)) AS head FROM models) h
+        WHERE l.model_key = m.model_key AND h.model_key = m.model_key
+    """,
+    "head_labels": """
+        SELECT lm.model_key, lm.layer, lm.head, t.label, lm.metric, lm.value, t.threshold
+        FROM latest_metrics lm JOIN role_thresholds t USING (metric)
+        WHERE lm.value > t.threshold
+    """,
+}
+
+
+def create_statements() -> list[str]:
+    return [str(CreateTable(t).compile(dialect=DIALECT)).strip() for t in metadata.sorted_tables]
+
+
+def head_roles_view(metric_ids: list[str]) -> str:
+    """Wide view: one row per head, one column per metric. Rebuilt by the writer as metrics appear."""
+    base = "SELECT h.*"
+    if metric_ids:
+        cols = ", ".join(f"'{m}'" for m in sorted(metric_ids) if "'" not in m)
+        pivot = (
+            f"(PIVOT (SELECT model_key, layer, head, metric, value FROM latest_metrics) "
+            f"ON metric IN ({cols}) USING first(value) GROUP BY model_key, layer, head)"
+        )
+        return (
+            f"CREATE OR REPLACE VIEW head_roles AS {base}, p.* EXCLUDE (model_key, layer, head) "
+            f"FROM heads h LEFT JOIN {pivot} p USING (model_key, layer, head)"
+        )
+    return f"CREATE OR REPLACE VIEW head_roles AS {base} FROM heads h"

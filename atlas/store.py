@@ -1,0 +1,222 @@
+"""Open an atlas file: one writer (the build driver or the server), many read-only readers.
+
+DuckDB lets one process write, and while it holds the file nobody else can open it, not even
+read-only. So writers keep their windows short and both sides retry briefly on a lock, then
+say clearly why they could not get in.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+import sqlalchemy as sa
+
+from atlas import schema
+from atlas.errors import BadInput, Busy, NotFound, SchemaMismatch
+
+LOCK_MARKERS = ("Could not set lock", "Conflicting lock")
+
+
+def _connect(path: Path, read_only: bool, wait_s: float) -> duckdb.DuckDBPyConnection:
+    deadline = time.monotonic() + wait_s
+    delay = 0.05
+    while True:
+        try:
+            return duckdb.connect(str(path), read_only=read_only)
+        except duckdb.IOException as exc:
+            if not any(m in str(exc) for m in LOCK_MARKERS):
+                raise BadInput(f"cannot open {path} as a DuckDB atlas: {exc}",
+                               "pass --db with a head-atlas .duckdb file") from exc
+            if time.monotonic() >= deadline:
+                raise Busy(
+                    f"the atlas {path} is held by another process (a build ingesting, or a server) "
+                    f"and did not free up within {wait_s:.0f}s",
+                    "retry in a moment; while `atlas serve` runs, query it with --server",
+                ) from exc
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+        except duckdb.Error as exc:
+            raise BadInput(f"{path} is not a DuckDB database this version can open: {exc}",
+                           "pass --db with a head-atlas .duckdb file written by this version") from exc
+
+
+class Atlas:
+    """A handle on one atlas file. Read-only unless opened with `writer()`."""
+
+    def __init__(self, path: str | Path, *, read_only: bool = True, wait_s: float = 10.0) -> None:
+        self.path = Path(path)
+        self.read_only = read_only
+        if read_only and not self.path.exists():
+            raise NotFound(f"no atlas at {self.path}",
+                           "build one with `atlas build --model llama`, or pass --db PATH")
+        fresh = not self.path.exists()
+        self.con = _connect(self.path, read_only, wait_s)
+        try:
+            if fresh:
+                self._create()
+            self._check_version()
+        except Exception:
+            self.con.close()
+            raise
+
+    @classmethod
+    def writer(cls, path: str | Path, wait_s: float = 30.0) -> Atlas:
+        return cls(path, read_only=False, wait_s=wait_s)
+
+    def close(self) -> None:
+        self.con.close()
+
+    def __enter__(self) -> Atlas:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- schema ---------------------------------------------------------------------------
+    def _create(self) -> None:
+        with self.transaction():
+            for ddl in schema.create_statements():
+                self.con.execute(ddl)
+            self.con.execute("INSERT INTO atlas_meta VALUES ('schema_version', ?)",
+                             [str(schema.SCHEMA_VERSION)])
+            self.con.executemany("INSERT INTO role_thresholds VALUES (?, ?, ?, ?)",
+                                 schema.DEFAULT_THRESHOLDS)
+            for name, body in schema.VIEWS.items():
+                self.con.execute(f"CREATE VIEW {name} AS {body}")
+            self.con.execute(schema.head_roles_view([]))
+
+    def _check_version(self) -> None:
+        try:
+            rows = self.con.execute(
+                "SELECT value FROM atlas_meta WHERE key = 'schema_version'").fetchall()
+        except duckdb.CatalogException as exc:
+            raise SchemaMismatch(f"{self.path} is a DuckDB file but not a head-atlas",
+                                 "pass --db with an atlas file, or a new path to create one") from exc
+        found = int(rows[0][0]) if rows else -1
+        if found != schema.SCHEMA_VERSION:
+            raise SchemaMismatch(
+                f"{self.path} has atlas schema version {found}; this head-atlas reads version "
+                f"{schema.SCHEMA_VERSION}",
+                "export it with the head-atlas version that wrote it, or build into a new --db",
+            )
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        self.con.execute("BEGIN TRANSACTION")
+        try:
+            yield
+        except BaseException:
+            self.con.execute("ROLLBACK")
+            raise
+        self.con.execute("COMMIT")
+
+    # -- reads ----------------------------------------------------------------------------
+    def execute(self, stmt: sa.sql.ClauseElement | str, params: Sequence[Any] = ()) -> pa.Table:
+        """Run a SQLAlchemy Core statement (or trusted SQL text) and return Arrow."""
+        if isinstance(stmt, str):
+            return self._arrow(stmt, list(params))
+        compiled = stmt.compile(dialect=schema.DIALECT, compile_kwargs={"render_postcompile": True})
+        values = [compiled.params[name] for name in (compiled.positiontup or [])]
+        return self._arrow(str(compiled), values)
+
+    def _arrow(self, sql: str, params: list[Any]) -> pa.Table:
+        relation = self.con.sql(sql, params=params or None)
+        return relation.to_arrow_table() if relation is not None else pa.table({})
+
+    def query(self, sql: str) -> pa.Table:
+        """Run user SQL: a single read statement, never a write, on a read-only connection."""
+        try:
+            statements = self.con.extract_statements(sql)
+        except duckdb.Error as exc:
+            raise BadInput(f"the SQL does not parse: {exc}", "check the statement") from exc
+        if len(statements) != 1:
+            raise BadInput(f"expected one SQL statement, got {len(statements)}",
+                           "send one SELECT at a time")
+        kind = statements[0].type
+        if kind != duckdb.StatementType.SELECT:
+            raise BadInput(f"only read queries are allowed here, not {kind.name}",
+                           "atlas query is read-only; the build writes the atlas")
+        try:
+            return self._arrow(sql, [])
+        except duckdb.Error as exc:
+            raise BadInput(f"the query failed: {exc}", "see `atlas query --help` for the schema") from exc
+
+    def completed_runs(self, run_ids: Sequence[str]) -> set[str]:
+        if not run_ids:
+            return set()
+        stmt = sa.select(schema.runs.c.run_id).where(
+            schema.runs.c.run_id.in_(list(run_ids)), schema.runs.c.status == "complete")
+        return set(self.execute(stmt).column("run_id").to_pylist())
+
+    def metric_ids(self) -> list[str]:
+        return self.con.execute("SELECT DISTINCT metric FROM head_metrics ORDER BY 1").fetchall()
+
+    # -- writes ---------------------------------------------------------------------------
+    def _require_writer(self) -> None:
+        if self.read_only:
+            raise BadInput("this atlas handle is read-only", "open it with Atlas.writer(path)")
+
+    def _replace_row(self, table: sa.Table, row: dict[str, Any]) -> None:
+        values = {c.name: _to_sql(c, row.get(c.name)) for c in table.columns}
+        key = list(table.primary_key.columns)
+        self.execute(table.delete().where(*[c == values[c.name] for c in key]))
+        self.execute(table.insert().values(**values))
+
+    def ingest(self, shard_dir: str | Path) -> int:
+        """Ingest one finished shard in one short transaction; idempotent on its run_id."""
+        self._require_writer()
+        shard = Path(shard_dir)
+        manifest = json.loads((shard / "run.json").read_text())
+        run, model = manifest["run"], manifest["model"]
+        rows = 0
+        with self.transaction():
+            self._replace_row(schema.models, model)
+            self._replace_row(schema.runs, run)
+            for name in schema.SHARD_TABLES:
+                path = shard / f"{name}.parquet"
+                if not path.exists():
+                    continue
+                if name == "concepts":
+                    self.con.execute("INSERT OR REPLACE INTO concepts BY NAME "
+                                     "SELECT * FROM read_parquet(?)", [str(path)])
+                else:
+                    self.con.execute(f"DELETE FROM {name} WHERE run_id = ?", [run["run_id"]])
+                    self.con.execute(f"INSERT INTO {name} BY NAME SELECT * FROM read_parquet(?)",
+                                     [str(path)])
+                rows += self.con.execute("SELECT count(*) FROM read_parquet(?)",
+                                         [str(path)]).fetchall()[0][0]
+            metrics = [r[0] for r in self.con.execute(
+                "SELECT DISTINCT metric FROM head_metrics").fetchall()]
+            self.con.execute(schema.head_roles_view(metrics))
+        return rows
+
+    def record_failure(self, run: dict[str, Any], model: dict[str, Any]) -> None:
+        """Keep a failed unit visible (status + error) without touching its earlier results."""
+        self._require_writer()
+        with self.transaction():
+            self._replace_row(schema.models, model)
+            self._replace_row(schema.runs, run)
+
+
+def _to_sql(column: sa.Column, value: Any) -> Any:
+    """Shard manifests are JSON: turn their strings back into the column's type."""
+    if value is None:
+        return None
+    if isinstance(column.type, sa.JSON) and not isinstance(value, str):
+        return json.dumps(value, sort_keys=True)
+    if isinstance(column.type, sa.DateTime) and isinstance(value, str):
+        return datetime.fromisoformat(value)
+    return value
+
+
+def open(path: str | Path, *, wait_s: float = 10.0) -> Atlas:
+    """Notebook entry point: `atlas.open("atlas.duckdb").query("SELECT ...").to_pandas()`."""
+    return Atlas(path, read_only=True, wait_s=wait_s)

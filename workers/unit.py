@@ -1,0 +1,66 @@
+"""Run one unit on a loaded model and write its shard: the plain function Ray wraps."""
+
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from atlas.shards import write_shard
+from workers.families import get_family
+from workers.models import LoadedModel
+from workers.plan import Unit
+
+
+def code_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("head-atlas")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+@dataclass
+class UnitResult:
+    run_id: str
+    ok: bool
+    shard: str | None = None
+    run: dict[str, Any] | None = None
+    model: dict[str, Any] | None = None
+    error: str | None = None
+    seconds: float = 0.0
+    tokens: int = 0
+
+
+def run_row(unit: Unit, lm: LoadedModel, status: str, started: datetime, seconds: float,
+            tokens: int, config: dict[str, Any], error: str | None = None) -> dict[str, Any]:
+    return {"run_id": unit.run_id, "model_key": unit.source.key, "family": unit.family,
+            "family_version": unit.family_version, "probe_set": unit.probe_set, "config": config,
+            "config_hash": unit.config_hash, "code_version": code_version(), "device": lm.device,
+            "tokens": tokens, "seconds": seconds, "status": status, "error": error,
+            "started_at": started.isoformat(), "finished_at": datetime.now(UTC).isoformat()}
+
+
+def run_unit(lm: LoadedModel, unit: Unit, shard_root: str | Path) -> UnitResult:
+    started, t0 = datetime.now(UTC), time.perf_counter()
+    try:
+        result = get_family(unit.family).run(lm, unit.config)
+    except Exception as exc:  # a unit failure is data for `atlas status`, not a crash
+        seconds = time.perf_counter() - t0
+        error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"
+        run = run_row(unit, lm, "failed", started, seconds, 0, unit.config, error)
+        return UnitResult(unit.run_id, False, run=run, model=lm.models_row(), error=error,
+                          seconds=seconds)
+    seconds = time.perf_counter() - t0
+    config = {**unit.config, **result.extra_config}
+    run = run_row(unit, lm, "complete", started, seconds, result.tokens, config)
+    key = {"run_id": unit.run_id, "model_key": unit.source.key}
+    tables = {name: [{**key, **row} if name != "concepts" else row for row in rows]
+              for name, rows in result.tables.items()}
+    shard = write_shard(shard_root, run, lm.models_row(), tables)
+    return UnitResult(unit.run_id, True, shard=str(shard), run=run, model=lm.models_row(),
+                      seconds=seconds, tokens=result.tokens)
