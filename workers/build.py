@@ -10,7 +10,7 @@ from __future__ import annotations
 import fcntl
 import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,9 +74,16 @@ def completed_runs(db: Path, units: list[Unit]) -> set[str]:
 def build(models: list[str], families: list[str], db: str | Path, *, device: str = "auto",
           address: str | None = None, executor: str = "ray", options: dict[str, Any] | None = None,
           load_options: dict[str, Any] | None = None, progress: Progress | None = None,
-          sources: list[ModelSource] | None = None) -> BuildReport:
-    """Build (or resume) an atlas. Bad input raises before anything is written."""
+          sources: list[ModelSource] | None = None,
+          open_writer: Callable[[], AbstractContextManager[Atlas]] | None = None,
+          take_lock: bool = True) -> BuildReport:
+    """Build (or resume) an atlas. Bad input raises before anything is written.
+
+    A process that already is the atlas's single writer (`atlas serve`) passes `open_writer`
+    (its own connection) and `take_lock=False`; the ingest code is the same.
+    """
     db = Path(db)
+    writer = open_writer or (lambda: Atlas.writer(db))
     notify = progress or (lambda event, payload: None)
     for name in families:
         get_family(name)
@@ -85,8 +92,12 @@ def build(models: list[str], families: list[str], db: str | Path, *, device: str
     dtype = {"cuda": "bfloat16", "cpu": "float32"}.get(resolved, "auto")
     units = plan(sources, families, options or {}, dtype)
     report = BuildReport(planned=len(units))
-    with build_lock(db):
-        done = completed_runs(db, units)
+    with build_lock(db) if take_lock else nullcontext():
+        if open_writer is None:
+            done = completed_runs(db, units)
+        else:
+            with writer() as atlas:
+                done = atlas.completed_runs([u.run_id for u in units])
         todo = [u for u in units if u.run_id not in done]
         report.skipped = len(units) - len(todo)
         notify("plan", {"planned": len(units), "todo": len(todo)})
@@ -97,15 +108,16 @@ def build(models: list[str], families: list[str], db: str | Path, *, device: str
         root.mkdir(parents=True, exist_ok=True)
         try:
             for result in runner.run(todo, root):
-                _ingest(db, result, report)
+                _ingest(writer, result, report)
                 notify("unit", result)
         finally:
             runner.close()
     return report
 
 
-def _ingest(db: Path, result: UnitResult, report: BuildReport) -> None:
-    with Atlas.writer(db) as atlas:
+def _ingest(writer: Callable[[], AbstractContextManager[Atlas]], result: UnitResult,
+            report: BuildReport) -> None:
+    with writer() as atlas:
         if result.ok:
             report.rows += atlas.ingest(result.shard)
             report.completed.append(result.run_id)
