@@ -52,6 +52,12 @@ def build(
     address: Annotated[str | None, typer.Option(help="Ray cluster address; omit to start a local one.")] = None,
     executor: Annotated[str, typer.Option(help="ray, or local (in-process, no Ray).")] = "ray",
     seed: Annotated[int, typer.Option(help="Seed of the built-in probe sets.")] = 0,
+    corpus: Annotated[str | None, typer.Option(help="Corpus: .txt, .jsonl, .parquet or HF dataset.")] = None,
+    text_field: Annotated[str, typer.Option(help="JSONL field / Parquet column with the text.")] = "text",
+    concepts: Annotated[str | None, typer.Option(help="Comma-separated concepts (pursuit).")] = None,
+    ablation: Annotated[str, typer.Option(help="zero, mean or resample (ablation).")] = "mean",
+    method: Annotated[str, typer.Option(help="exact, atp or both (ablation).")] = "both",
+    max_context: Annotated[int | None, typer.Option(help="Longest haystack in tokens (retrieval).")] = None,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow a repo's own modeling code.")] = False,
     allow_pickle: Annotated[bool, typer.Option(help="Allow pickle checkpoints (.bin).")] = False,
     as_json: JsonFlag = False,
@@ -66,7 +72,9 @@ def build(
     names = list(FAMILIES) if families == "all" else [f.strip() for f in families.split(",") if f.strip()]
     with BuildProgress() as progress:
         report = run_build(model, names, db, device=device, address=address, executor=executor,
-                           options={"seed": seed},
+                           options=_options(seed=seed, corpus=corpus, text_field=text_field,
+                                            concepts=concepts, ablation=ablation, method=method,
+                                            max_context=max_context),
                            load_options={"trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle},
                            progress=progress)
     summary = {"db": str(db), "planned": report.planned, "skipped": report.skipped,
@@ -81,6 +89,11 @@ def build(
             stderr.print(f"[red]failed[/] {run_id}: {error.splitlines()[0]}")
     if report.failed:
         raise typer.Exit(1)
+
+
+def _options(**given: Any) -> dict[str, Any]:
+    """Family options from the command line; each family's config() takes what it uses."""
+    return {key: value for key, value in given.items() if value is not None}
 
 
 class BuildProgress:
