@@ -110,5 +110,10 @@ class BoundAdapter:
         return z.view(*z.shape[:-1], self.n_heads, self.d_head)
 
     def head_outputs(self, layer: int, z: torch.Tensor) -> torch.Tensor:
-        """Each head's write into the residual stream: (batch, pos, n_heads, d_model)."""
-        return torch.einsum("bphd,hdm->bphm", self.split_heads(z), self.w_o(layer))
+        """Each head's write into the residual stream: (batch, pos, n_heads, d_model).
+
+        z is split (batch, pos, n_heads, d_head), as capture_z gives it, or merged (batch, pos, n_heads * d_head).
+        """
+        if z.dim() == 3:
+            z = self.split_heads(z)
+        return torch.einsum("bphd,hdm->bphm", z, self.w_o(layer))
