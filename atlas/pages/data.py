@@ -1,0 +1,118 @@
+"""Read queries the API and the pages share: a head card, concept rankings, heatmap grids.
+
+All read the latest complete run (as `latest_metrics` does), so a rebuilt family supersedes its
+older numbers while the history stays in the tables.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pyarrow as pa
+
+from atlas.errors import NotFound
+from atlas.queries import resolve_model_key
+
+# Latest complete run per (model, concept), as latest_metrics does for metrics.
+LATEST_CONCEPTS = """
+    SELECT cs.* FROM concept_scores cs JOIN runs r USING (run_id)
+    WHERE r.status = 'complete'
+    QUALIFY dense_rank() OVER (PARTITION BY cs.model_key, cs.concept ORDER BY r.finished_at DESC, r.run_id) = 1
+"""
+
+
+def model_row(atlas: Any, model: str) -> dict[str, Any]:
+    key = resolve_model_key(atlas, model)
+    return atlas.execute("SELECT * FROM models WHERE model_key = ?", [key]).to_pylist()[0]
+
+
+def head_card(atlas: Any, model: str, layer: int, head: int) -> dict[str, Any]:
+    """Everything the atlas knows about one head: metrics with their rank in the model, role labels,
+    top tokens per kind, concept scores, and the runs behind them."""
+    m = model_row(atlas, model)
+    key = m["model_key"]
+    if not (0 <= layer < m["n_layers"] and 0 <= head < m["n_heads"]):
+        raise NotFound(f"{m['alias'] or key} has no head {layer}.{head}",
+                       f"layers 0-{m['n_layers'] - 1}, heads 0-{m['n_heads'] - 1}")
+    metrics = atlas.execute("""
+        WITH m AS (SELECT metric, layer, head, value, stderr, n, run_id,
+                          rank() OVER (PARTITION BY metric ORDER BY value DESC) AS rank,
+                          count(*) OVER (PARTITION BY metric) AS of
+                   FROM latest_metrics WHERE model_key = ?)
+        SELECT metric, value, stderr, n, rank, of, run_id FROM m WHERE layer = ? AND head = ? ORDER BY metric
+    """, [key, layer, head]).to_pylist()
+    labels = atlas.execute("SELECT label, metric, value, threshold FROM head_labels "
+                           "WHERE model_key = ? AND layer = ? AND head = ? ORDER BY label",
+                           [key, layer, head]).to_pylist()
+    tokens = atlas.execute("""
+        SELECT t.kind, t.rank, t.token_id, t.token_text, t.score, t.run_id
+        FROM head_tokens t JOIN runs r USING (run_id)
+        WHERE t.model_key = ? AND t.layer = ? AND t.head = ? AND r.status = 'complete'
+        QUALIFY dense_rank() OVER (PARTITION BY t.kind ORDER BY r.finished_at DESC, r.run_id) = 1
+        ORDER BY t.kind, t.rank
+    """, [key, layer, head]).to_pylist()
+    concepts = atlas.execute(f"""
+        SELECT concept, score, rank, run_id FROM ({LATEST_CONCEPTS})
+        WHERE model_key = ? AND layer = ? AND head = ? ORDER BY rank, concept
+    """, [key, layer, head]).to_pylist()
+    runs = atlas.execute("SELECT run_id, family, family_version, probe_set, status, finished_at FROM runs "
+                         "WHERE model_key = ? ORDER BY family, finished_at", [key]).to_pylist()
+    group = m["n_heads"] // max(1, m["n_kv_heads"])
+    by_kind: dict[str, list[dict[str, Any]]] = {}
+    for t in tokens:
+        by_kind.setdefault(t.pop("kind"), []).append(t)
+    return {
+        "model": m["alias"] or key, "model_key": key, "layer": layer, "head": head,
+        "kv_head": head // group, "depth": layer / (m["n_layers"] - 1) if m["n_layers"] > 1 else 0.0,
+        "n_layers": m["n_layers"], "n_heads": m["n_heads"], "metrics": metrics, "labels": labels,
+        "tokens": by_kind, "concepts": concepts, "runs": runs,
+    }
+
+
+def list_concepts(atlas: Any) -> pa.Table:
+    return atlas.execute(f"""
+        SELECT s.concept, count(DISTINCT s.model_key) AS models, any_value(c.words) AS words,
+               any_value(c.source) AS source
+        FROM ({LATEST_CONCEPTS}) s LEFT JOIN concepts c ON c.name = s.concept
+        GROUP BY s.concept ORDER BY s.concept
+    """)
+
+
+def concept_heads(atlas: Any, concept: str, model: str | None = None, top: int = 10) -> pa.Table:
+    """The top `top` heads per model for one concept (rank 1 = most specialized)."""
+    where, params = "concept = ?", [concept, top]
+    if model:
+        where += " AND s.model_key = ?"
+        params.insert(1, resolve_model_key(atlas, model))
+    table = atlas.execute(f"""
+        SELECT coalesce(m.alias, s.model_key) AS model, s.layer, s.head, s.concept, s.score, s.rank,
+               s.model_key, s.run_id
+        FROM ({LATEST_CONCEPTS}) s JOIN models m USING (model_key)
+        WHERE {where} AND s.rank <= ? ORDER BY s.model_key, s.rank, s.layer, s.head
+    """, params)
+    if table.num_rows == 0:
+        known = list_concepts(atlas).column("concept").to_pylist()
+        raise NotFound(f"no scores for concept '{concept}'" + (f" in {model}" if model else ""),
+                       f"concepts in this atlas: {', '.join(known) or 'none yet - build the pursuit family'}")
+    return table
+
+
+def concept_words(atlas: Any, concept: str) -> list[str]:
+    found = atlas.execute("SELECT words FROM concepts WHERE name = ?", [concept]).column(0).to_pylist()
+    if not found or found[0] is None:
+        return []
+    words = found[0]
+    return json.loads(words) if isinstance(words, str) else list(words)
+
+
+def heatmaps(atlas: Any, model_key: str) -> dict[str, list[list[float | None]]]:
+    """{metric: grid[layer][head]} of the latest values, for the model overview."""
+    m = atlas.execute("SELECT n_layers, n_heads FROM models WHERE model_key = ?", [model_key]).to_pylist()[0]
+    grids: dict[str, list[list[float | None]]] = {}
+    for r in atlas.execute("SELECT metric, layer, head, value FROM latest_metrics WHERE model_key = ? "
+                           "ORDER BY metric", [model_key]).to_pylist():
+        grid = grids.setdefault(r["metric"], [[None] * m["n_heads"] for _ in range(m["n_layers"])])
+        if r["layer"] < m["n_layers"] and r["head"] < m["n_heads"]:
+            grid[r["layer"]][r["head"]] = r["value"]
+    return grids
