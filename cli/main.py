@@ -18,6 +18,8 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_
 
 DEFAULT_DB = "atlas.duckdb"
 DbOption = Annotated[Path, typer.Option("--db", envvar="ATLAS_DB", help="The atlas DuckDB file.")]
+ServerOption = Annotated[str | None, typer.Option("--server", envvar="ATLAS_SERVER",
+                                                  help="Read from an `atlas serve` URL instead of --db.")]
 FormatOption = Annotated[Format, typer.Option("--format", "-f", help="table, json or csv.")]
 JsonFlag = Annotated[bool, typer.Option("--json", help="Same as --format json.")]
 
@@ -123,6 +125,7 @@ class BuildProgress:
 def query(
     sql: Annotated[str, typer.Argument(help="One read-only SQL statement.")],
     db: DbOption = Path(DEFAULT_DB),
+    server: ServerOption = None,
     fmt: FormatOption = Format.table,
     as_json: JsonFlag = False,
 ) -> None:
@@ -132,6 +135,12 @@ def query(
     """
     from atlas.store import Atlas
 
+    if server:
+        from atlas.client import Client
+
+        with Client(server) as client:
+            emit(client.query(sql), _format(fmt, as_json))
+        return
     with Atlas(db) as atlas:
         emit(atlas.query(sql), _format(fmt, as_json))
 
@@ -144,6 +153,7 @@ def heads(
     top: Annotated[int, typer.Option(help="How many heads per model.")] = 10,
     ascending: Annotated[bool, typer.Option(help="Rank lowest first.")] = False,
     db: DbOption = Path(DEFAULT_DB),
+    server: ServerOption = None,
     fmt: FormatOption = Format.table,
     as_json: JsonFlag = False,
 ) -> None:
@@ -154,6 +164,12 @@ def heads(
     from atlas.queries import rank_heads
     from atlas.store import Atlas
 
+    if server:
+        from atlas.client import Client
+
+        with Client(server) as client:
+            emit(client.rank_heads(metric, model, top, ascending), _format(fmt, as_json), title=metric)
+        return
     with Atlas(db) as atlas:
         emit(rank_heads(atlas, metric, model, top, ascending), _format(fmt, as_json), title=metric)
 
@@ -162,6 +178,7 @@ def heads(
 @reports_errors
 def models(
     db: DbOption = Path(DEFAULT_DB),
+    server: ServerOption = None,
     fmt: FormatOption = Format.table,
     as_json: JsonFlag = False,
 ) -> None:
@@ -177,7 +194,12 @@ def models(
 
     fmt = _format(fmt, as_json)
     in_atlas = pa.table({})
-    if db.exists():
+    if server:
+        from atlas.client import Client
+
+        with Client(server) as client:
+            in_atlas = client.list_models()
+    elif db.exists():
         with Atlas(db) as atlas:
             in_atlas = list_models(atlas)
     known = pa.Table.from_pylist([{"alias": name, "name": entry["name"], "package": entry["package"],
@@ -196,3 +218,6 @@ def models(
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app()
+
+
+from cli import serve as _serve  # noqa: E402,F401
