@@ -94,15 +94,69 @@ GGUF_ARCH_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM
                      "gpt2": "GPT2LMHeadModel", "phi3": "Phi3ForCausalLM"}
 
 
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
+                 12: "<d"}
+GGUF_WANTED = ("general.architecture", "general.name", "general.file_type")
+
+
+def read_gguf_header(path: Path, wanted: tuple[str, ...] = GGUF_WANTED) -> dict[str, Any]:
+    """Read only the header fields we need. gguf.GGUFReader parses every array (a 262k-token
+    vocabulary takes ~40 s); the general.* keys come first, so this stops after a few reads."""
+    import struct
+
+    found: dict[str, Any] = {}
+    with path.open("rb") as f:
+        def read(fmt: str) -> Any:
+            size = struct.calcsize(fmt)
+            data = f.read(size)
+            if len(data) != size:
+                raise ValueError("the file ends inside its header")
+            return struct.unpack(fmt, data)[0]
+
+        def read_str() -> str:
+            n = read("<Q")
+            if n > 1 << 20:
+                raise ValueError(f"implausible string length {n}")
+            return f.read(n).decode("utf-8", errors="replace")
+
+        def read_value(kind: int) -> Any:
+            if kind in _GGUF_SCALARS:
+                return read(_GGUF_SCALARS[kind])
+            if kind == 8:
+                return read_str()
+            if kind == 9:
+                item, count = read("<I"), read("<Q")
+                if item in _GGUF_SCALARS:
+                    f.seek(count * struct.calcsize(_GGUF_SCALARS[item]), 1)
+                else:
+                    for _ in range(count):
+                        read_value(item)
+                return None
+            raise ValueError(f"unknown GGUF value type {kind}")
+
+        if f.read(4) != b"GGUF":
+            raise ValueError("no GGUF magic number at the start")
+        version = read("<I")
+        if version not in (2, 3):
+            raise ValueError(f"unsupported GGUF version {version}")
+        read("<Q")  # tensor count
+        for _ in range(read("<Q")):
+            key = read_str()
+            value = read_value(read("<I"))
+            if key in wanted:
+                found[key] = value
+                if len(found) == len(wanted):
+                    break
+    return found
+
+
 def _gguf_source(path: Path, spec: str, alias: str | None, name: str | None) -> ModelSource:
     import gguf
 
     try:
-        reader = gguf.GGUFReader(str(path))
-        fields = {k: reader.fields[k].contents() for k in
-                  ("general.architecture", "general.name", "general.file_type") if k in reader.fields}
-    except Exception as exc:  # the gguf reader raises many kinds on a bad file
-        raise BadInput(f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc})",
+        fields = read_gguf_header(path)
+    except (ValueError, OSError, UnicodeDecodeError) as exc:
+        raise BadInput(f"{path} is not a readable GGUF file ({exc})",
                        "check the download (its sha256), or pass another file") from exc
     arch = fields.get("general.architecture", "?")
     cls = GGUF_ARCH_CLASSES.get(arch)
@@ -111,9 +165,9 @@ def _gguf_source(path: Path, spec: str, alias: str | None, name: str | None) -> 
                        f"supported GGUF architectures: {', '.join(sorted(GGUF_ARCH_CLASSES))}")
     file_type = fields.get("general.file_type")
     quant = gguf.LlamaFileType(file_type).name.removeprefix("MOSTLY_") if file_type is not None else None
-    return ModelSource(spec=spec, name=name or fields.get("general.name") or path.stem, format="gguf",
-                       path=str(path), alias=alias, file_hash=_sha256(path), quantization=quant,
-                       architecture=cls)
+    default_name = str(fields.get("general.name") or path.stem).replace(" ", "-")
+    return ModelSource(spec=spec, name=name or default_name, format="gguf", path=str(path), alias=alias,
+                       file_hash=_sha256(path), quantization=quant, architecture=cls)
 
 
 def _dir_source(directory: Path, spec: str, alias: str | None = None,

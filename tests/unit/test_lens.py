@@ -1,0 +1,95 @@
+"""Lens family on tiny random models: the head-space reduction equals brute-force DLA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.tiny import TINY_CONFIGS, tiny_model, tiny_tokenizer
+from workers.adapters import adapter_for
+from workers.families.lens import (
+    LensFamily,
+    LensStats,
+    clean_run,
+    frozen_scale,
+    norm_affine,
+)
+from workers.models import LoadedModel
+
+
+def _lm(architecture: str) -> LoadedModel:
+    model = tiny_model(architecture)
+    adapter = adapter_for(architecture).bind(model)
+    return LoadedModel(None, model, tiny_tokenizer(), adapter, "cpu", "float32")
+
+
+@pytest.mark.parametrize("architecture", sorted(TINY_CONFIGS))
+def test_frozen_scale_reconstructs_the_final_norm(architecture: str) -> None:
+    lm = _lm(architecture)
+    gamma, beta, centred = norm_affine(lm.adapter)
+    tokens = torch.randint(3, 96, (2, 12))
+    with clean_run(lm.adapter) as run, torch.no_grad():
+        lm.model(tokens)
+    x, y = run["norm_in"], run["norm_out"]
+    s = frozen_scale(x, y, gamma, beta, centred)
+    xc = x - x.mean(-1, keepdim=True) if centred else x
+    torch.testing.assert_close(s[..., None] * gamma * xc + beta, y, rtol=1e-4, atol=1e-4)
+
+
+def _brute_force(lm: LoadedModel, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head d_model outputs at every position, through the frozen norm and W_U (the slow way)."""
+    a = lm.adapter
+    gamma, beta, centred = norm_affine(a)
+    with clean_run(a) as run, torch.no_grad():
+        lm.model(tokens)
+    s = frozen_scale(run["norm_in"], run["norm_out"], gamma, beta, centred)[:, 1:-1]  # (B, P)
+    w_u = a.unembed.weight.detach()
+    de, dla_sum = [], []
+    for layer in range(a.n_layers):
+        out = a.head_outputs(layer, run["z"][layer].flatten(2))[:, 1:-1]  # (B, P, H, d_model)
+        if centred:
+            out = out - out.mean(-1, keepdim=True)
+        logits = torch.einsum("bphd,vd->bphv", out * gamma, w_u) * s[..., None, None]  # (B, P, H, V)
+        target = tokens[:, 2:, None, None].expand(-1, -1, a.n_heads, 1)
+        de.append(logits.gather(-1, target)[..., 0].mean((0, 1)))
+        dla_sum.append(logits.sum((0, 1)))
+    return torch.stack(de), torch.stack(dla_sum)
+
+
+@pytest.mark.parametrize("architecture", ["LlamaForCausalLM", "GPT2LMHeadModel", "Gemma3ForCausalLM"])
+def test_head_space_reduction_matches_brute_force(architecture: str) -> None:
+    lm = _lm(architecture)
+    tokens = torch.randint(3, 96, (3, 10))
+    stats = LensStats(lm.adapter)
+    stats.add(lm, tokens[:2])
+    stats.add(lm, tokens[2:])
+    want_de, want_sum = _brute_force(lm, tokens)
+    got_de = torch.cat(stats.window_de).mean(0)
+    torch.testing.assert_close(got_de, want_de, rtol=1e-4, atol=1e-4)
+    for layer in range(lm.adapter.n_layers):
+        want = want_sum[layer] / stats.positions
+        want = want - want.mean(-1, keepdim=True)
+        torch.testing.assert_close(stats.mean_dla(layer), want, rtol=1e-4, atol=1e-4)
+    # centred direct effect = raw effect minus the head's mean push on every token
+    centred = torch.cat(stats.window_dec).mean(0)
+    assert not torch.allclose(centred, got_de)
+
+
+def test_family_rows_have_every_head_and_ranked_tokens(tiny_lm: LoadedModel) -> None:
+    family = LensFamily()
+    config = family.config({"lens_windows": 3, "lens_window": 16, "lens_top_k": 5})
+    assert config["corpus"] == "embedded" and config["corpus_id"].startswith("embedded:")
+    result = family.run(tiny_lm, config)
+    a = tiny_lm.adapter
+    metrics = result.tables["head_metrics"]
+    assert {r["metric"] for r in metrics} == {"lens.direct_effect", "lens.direct_effect_centered"}
+    assert len(metrics) == 2 * a.n_layers * a.n_heads
+    assert all(r["n"] == 3 and r["stderr"] is not None for r in metrics)
+    tokens = result.tables["head_tokens"]
+    assert len(tokens) == a.n_layers * a.n_heads * 2 * 5
+    one = [r for r in tokens if (r["layer"], r["head"], r["kind"]) == (1, 2, "promote")]
+    assert [r["rank"] for r in one] == [1, 2, 3, 4, 5]
+    assert all(x["score"] >= y["score"] for x, y in zip(one, one[1:], strict=False))
+    low = [r for r in tokens if (r["layer"], r["head"], r["kind"]) == (1, 2, "suppress")]
+    assert low[0]["score"] < 0 < one[0]["score"]  # centred over the vocabulary
+    assert result.tokens == 3 * 16
