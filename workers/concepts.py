@@ -1,0 +1,216 @@
+"""Concepts: named word lists with prompts, tokenized per model (Head Pursuit, arXiv 2510.21518).
+
+A concept is a list of words plus two prompt sets: `prompts` (samples whose pooled head outputs
+SOMP explains) and `heldout` (prompts for the editing check, never used for ranking). Built-in
+concepts live in `workers/data/concepts/builtin.toml`; user concepts come from a file or the
+command line (see `parse_concept_spec`).
+
+Tokenization, per model: every word is tried as `w`, `W` (capitalized), `w.lower()`, each with and
+without a leading space. A variant that is one token contributes that token id. A word none of
+whose variants is a single token is *multi-token*: it is flagged, kept out of the SOMP dictionary
+and out of the probability mass (the paper's choice for Gemma 3: multi-token words made SOMP pick
+heads that write single letters), and still counted when it appears in generated text.
+
+API other families use:
+    load_concepts(names) -> list[Concept]
+    concept_token_ids(concept, tokenizer) -> list[int]
+    tokenize_concept(concept, tokenizer) -> ConceptTokens   (ids plus the flagged words)
+    concept_mass(logits, ids) -> probability mass per row
+    count_concept_words(text, concept) -> occurrences in a text
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tomllib
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from atlas.errors import BadInput, NotFound
+
+BUILTIN_FILE = Path(__file__).parent / "data" / "concepts" / "builtin.toml"
+BUILTIN = "builtin"
+
+# Prompts for user concepts given only as words ({name} is the concept's name, e.g. "planets").
+GENERIC_PROMPTS = ("Here is a list of {name}:", "Name three {name}:", "My favourite of all the {name} is",
+                   "Let me tell you about {name}.", "The most famous of the {name} is",
+                   "Question: Can you name one of the {name}? Answer:")
+GENERIC_HELDOUT = ("Some well-known {name} are", "One example of {name} is", "Among all {name}, I like",
+                   "A list of {name}:")
+
+
+@dataclass(frozen=True)
+class Concept:
+    name: str
+    words: tuple[str, ...]
+    prompts: tuple[str, ...]
+    heldout: tuple[str, ...]
+    source: str = BUILTIN  # "builtin", a file path, or "inline"
+
+    @property
+    def content_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Concept:
+        return cls(data["name"], tuple(data["words"]), tuple(data["prompts"]), tuple(data["heldout"]),
+                   data.get("source", BUILTIN))
+
+
+def _from_table(name: str, table: dict[str, Any], source: str) -> Concept:
+    words = [str(w).strip() for w in table.get("words", []) if str(w).strip()]
+    if not words:
+        raise BadInput(f"concept '{name}' ({source}) has no words", "give it a non-empty `words` list")
+    prompts = [str(p) for p in table.get("prompts", [])] or [p.format(name=_spoken(name)) for p in GENERIC_PROMPTS]
+    heldout = [str(p) for p in table.get("heldout", [])] or [p.format(name=_spoken(name)) for p in GENERIC_HELDOUT]
+    overlap = set(prompts) & set(heldout)
+    if overlap:
+        raise BadInput(f"concept '{name}' uses {sorted(overlap)[0]!r} both to rank and to verify",
+                       "held-out prompts must not appear among the training prompts")
+    return Concept(name, tuple(dict.fromkeys(words)), tuple(prompts), tuple(heldout), source)
+
+
+def _spoken(name: str) -> str:
+    return name.replace("_", " ")
+
+
+def builtin_concepts() -> dict[str, Concept]:
+    data = tomllib.loads(BUILTIN_FILE.read_text())
+    return {name: _from_table(name, table, BUILTIN) for name, table in data.items()}
+
+
+def builtin_names() -> list[str]:
+    return list(builtin_concepts())
+
+
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
+
+
+def parse_concept_spec(spec: str) -> list[Concept]:
+    """One `--concepts` item -> concepts.
+
+    - `colors`                     a built-in concept
+    - `path/to/planets.txt`        one word per line (`#` comments); name = file stem
+    - `planets=path/to/file.txt`   the same with an explicit name
+    - `path/to/mine.toml`          tables like the built-in file (words, prompts, heldout), many at once
+    - `planets=mercury/venus/mars` inline words separated by `/`
+    Concepts without prompts get generic ones built from the name (see GENERIC_PROMPTS).
+    """
+    spec = spec.strip()
+    builtin = builtin_concepts()
+    if spec in builtin:
+        return [builtin[spec]]
+    name, _, value = spec.partition("=") if "=" in spec else ("", "", spec)
+    if name and not _NAME.match(name):
+        raise BadInput(f"'{name}' is not a usable concept name", "use letters, digits, _ and -")
+    path = Path(value).expanduser()
+    if path.suffix in (".txt", ".toml") or path.exists():
+        if not path.is_file():
+            raise NotFound(f"no concept file at {value}", "pass a .txt (one word per line) or a .toml file")
+        if path.suffix == ".toml":
+            try:
+                tables = tomllib.loads(path.read_text())
+            except tomllib.TOMLDecodeError as exc:
+                raise BadInput(f"{path} is not valid TOML: {exc}", "see workers/data/concepts/builtin.toml") from exc
+            if name:  # a single concept in the file's top level, or pick the named table
+                table = tables.get(name, tables)
+                return [_from_table(name, table, str(path))]
+            return [_from_table(n, t, str(path)) for n, t in tables.items() if isinstance(t, dict)]
+        words = [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()]
+        return [_from_table(name or path.stem, {"words": words}, str(path))]
+    if name:
+        return [_from_table(name, {"words": value.split("/")}, "inline")]
+    raise NotFound(f"unknown concept '{spec}'",
+                   f"built-in concepts: {', '.join(builtin)}; or NAME=w1/w2/w3, or a .txt/.toml file")
+
+
+def load_concepts(names: str | Iterable[str] | None = None) -> list[Concept]:
+    """Concepts by name or spec; None or 'all' gives every built-in concept. Names must be unique."""
+    if names is None or names == "all":
+        return list(builtin_concepts().values())
+    specs = [s for s in (names.split(",") if isinstance(names, str) else names) if s.strip()]
+    if not specs:
+        raise BadInput("no concepts given", f"built-in concepts: {', '.join(builtin_names())}")
+    out: list[Concept] = []
+    for spec in specs:
+        out.extend(parse_concept_spec(spec))
+    seen = [c.name for c in out]
+    dupes = sorted({n for n in seen if seen.count(n) > 1})
+    if dupes:
+        raise BadInput(f"concept name(s) given twice: {', '.join(dupes)}", "give each concept once")
+    return out
+
+
+# -- per-model tokenization ---------------------------------------------------------------------
+@dataclass
+class ConceptTokens:
+    """A concept tokenized for one model."""
+
+    concept: str
+    ids: list[int]  # unique single-token ids over all variants, sorted
+    texts: list[str]  # the token strings of `ids`
+    word_ids: dict[str, list[int]] = field(default_factory=dict)  # word -> its single-token ids
+    multi_token: list[str] = field(default_factory=list)  # words with no single-token variant
+
+    def summary(self) -> dict[str, Any]:
+        return {"n_words": len(self.word_ids) + len(self.multi_token), "n_tokens": len(self.ids),
+                "multi_token_words": self.multi_token}
+
+
+def variants(word: str) -> list[str]:
+    """Surface forms tried per word: as given, capitalized, lowercase; with and without a leading space."""
+    forms = dict.fromkeys([word, word[:1].upper() + word[1:], word.lower()])
+    return [prefix + form for form in forms for prefix in ("", " ")]
+
+
+def tokenize_concept(concept: Concept, tokenizer: Any, n_vocab: int | None = None) -> ConceptTokens:
+    word_ids: dict[str, list[int]] = {}
+    multi: list[str] = []
+    special = set(tokenizer.all_special_ids)  # an unknown form encodes to <unk>: not the word
+    for word in concept.words:
+        ids = []
+        for form in variants(word):
+            enc = tokenizer.encode(form, add_special_tokens=False)
+            if len(enc) == 1 and enc[0] not in special and (n_vocab is None or enc[0] < n_vocab):
+                ids.append(int(enc[0]))
+        if ids:
+            word_ids[word] = sorted(set(ids))
+        else:
+            multi.append(word)
+    all_ids = sorted({i for ids in word_ids.values() for i in ids})
+    texts = [tokenizer.convert_ids_to_tokens(i) for i in all_ids]
+    return ConceptTokens(concept.name, all_ids, [str(t) for t in texts], word_ids, multi)
+
+
+def concept_token_ids(concept: Concept, tokenizer: Any, n_vocab: int | None = None) -> list[int]:
+    """The concept's single-token ids for this tokenizer (all variants), sorted and unique."""
+    return tokenize_concept(concept, tokenizer, n_vocab).ids
+
+
+def concept_mass(logits: Any, ids: Sequence[int] | Any) -> Any:
+    """Probability the next token is one of `ids`: logits (..., vocab) -> (...), in [0, 1].
+
+    Softmax in float32 over the full vocabulary, then the sum over the concept's ids.
+    """
+    import torch
+
+    index = ids if isinstance(ids, torch.Tensor) else torch.tensor(list(ids), dtype=torch.long)
+    probs = torch.softmax(logits.float(), dim=-1)
+    return probs.index_select(-1, index.to(probs.device)).sum(-1)
+
+
+def word_pattern(concept: Concept) -> re.Pattern[str]:
+    words = sorted(concept.words, key=len, reverse=True)
+    return re.compile(r"(?<![\w])(" + "|".join(re.escape(w) for w in words) + r")(?![\w])", re.IGNORECASE)
+
+
+def count_concept_words(text: str, concept: Concept) -> int:
+    """Whole-word, case-insensitive occurrences of the concept's words (multi-token words included)."""
+    return len(word_pattern(concept).findall(text))
