@@ -119,8 +119,10 @@ def parse_concept_spec(spec: str) -> list[Concept]:
                 tables = tomllib.loads(path.read_text())
             except tomllib.TOMLDecodeError as exc:
                 raise BadInput(f"{path} is not valid TOML: {exc}", "see workers/data/concepts/builtin.toml") from exc
-            if name:  # a single concept in the file's top level, or pick the named table
-                table = tables.get(name, tables)
+            if name:  # top-level words, the table called NAME, or the file's only table, renamed
+                subtables = [t for t in tables.values() if isinstance(t, dict)]
+                table = (tables if "words" in tables else tables.get(name)
+                         or (subtables[0] if len(subtables) == 1 else {}))
                 return [_from_table(name, table, str(path))]
             return [_from_table(n, t, str(path)) for n, t in tables.items() if isinstance(t, dict)]
         words = [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()]
