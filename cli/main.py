@@ -221,3 +221,4 @@ def main() -> None:
 
 
 from cli import serve as _serve  # noqa: E402,F401
+from cli import compare as _compare  # noqa: E402,F401
