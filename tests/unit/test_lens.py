@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -89,7 +91,7 @@ def test_family_rows_have_every_head_and_ranked_tokens(tiny_lm: LoadedModel) -> 
     assert len(tokens) == a.n_layers * a.n_heads * 2 * 5
     one = [r for r in tokens if (r["layer"], r["head"], r["kind"]) == (1, 2, "promote")]
     assert [r["rank"] for r in one] == [1, 2, 3, 4, 5]
-    assert all(x["score"] >= y["score"] for x, y in zip(one, one[1:], strict=False))
+    assert all(x["score"] >= y["score"] for x, y in itertools.pairwise(one))
     low = [r for r in tokens if (r["layer"], r["head"], r["kind"]) == (1, 2, "suppress")]
     assert low[0]["score"] < 0 < one[0]["score"]  # centred over the vocabulary
     assert result.tokens == 3 * 16

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from workers.families.base import Family, FamilyResult
+from workers.families.lens import LensFamily
 from workers.families.patterns import PatternsFamily
 
-FAMILIES: dict[str, Family] = {family.name: family for family in (PatternsFamily(),)}
+FAMILIES: dict[str, Family] = {family.name: family for family in (PatternsFamily(), LensFamily())}
 
 
 def get_family(name: str) -> Family:
