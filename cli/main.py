@@ -148,7 +148,8 @@ def query(
 @app.command()
 @reports_errors
 def heads(
-    metric: Annotated[str, typer.Option(help="Metric id (patterns.induction) or its short name (induction).")],
+    metric: Annotated[str | None, typer.Option(help="Metric id (patterns.induction) or its short name.")] = None,
+    promotes: Annotated[str | None, typer.Option(help="A token (' Paris'): heads whose readout pushes it.")] = None,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Alias or model key (default: all).")] = None,
     top: Annotated[int, typer.Option(help="How many heads per model.")] = 10,
     ascending: Annotated[bool, typer.Option(help="Rank lowest first.")] = False,
@@ -157,13 +158,25 @@ def heads(
     fmt: FormatOption = Format.table,
     as_json: JsonFlag = False,
 ) -> None:
-    """Rank heads by a metric.
+    """Rank heads by a metric, or by how much they push a token (--promotes).
 
     Example: atlas heads --metric induction --top 10 --model llama
+    Example: atlas heads --promotes " Paris" --model llama
     """
+    from atlas.errors import BadInput
     from atlas.queries import rank_heads
     from atlas.store import Atlas
 
+    if sum(x is not None for x in (metric, promotes)) != 1:
+        raise BadInput("give exactly one of --metric / --promotes", "e.g. atlas heads --metric induction")
+    if promotes is not None:
+        from atlas.lens_queries import rank_promoters
+
+        if server:
+            raise BadInput("--promotes reads the atlas file directly", "drop --server and pass --db")
+        with Atlas(db) as atlas:
+            emit(rank_promoters(atlas, promotes, model, top), _format(fmt, as_json), title=f"promotes {promotes!r}")
+        return
     if server:
         from atlas.client import Client
 
@@ -222,3 +235,4 @@ def main() -> None:
 
 from cli import serve as _serve  # noqa: E402,F401
 from cli import compare as _compare  # noqa: E402,F401
+from cli import lens as _lens  # noqa: E402,F401
