@@ -294,8 +294,9 @@ def _heatmap(info: dict[str, Any], metric: str, cell: dict[str, Any], zrange: tu
     return {"data": [trace], "layout": {
         "title": {"text": f"{info['label']}: {n_layers} x {n_heads} ({info['n_kv_heads']} KV)", "font": {"size": 13}},
         "width": 170 + 38 * n_heads, "height": 110 + 15 * n_layers, "margin": {"l": 90, "r": 10, "t": 40, "b": 60},
-        "yaxis": {"autorange": "reversed", "title": {"text": "layer (depth)"}, "type": "category"},
-        "xaxis": {"title": {"text": "head · kv_head"}, "type": "category", "tickangle": -60}}}
+        "yaxis": {"autorange": "reversed", "title": {"text": "layer (depth)"}, "type": "category", "automargin": True},
+        "xaxis": {"title": {"text": "head · kv_head", "standoff": 6}, "type": "category", "tickangle": -60,
+                  "automargin": True}}}
 
 
 def _depth_scatter(data: dict[str, Any], title: str, y_title: str, points: dict[str, list[list[float]]],
