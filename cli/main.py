@@ -150,6 +150,8 @@ def query(
 def heads(
     metric: Annotated[str | None, typer.Option(help="Metric id (patterns.induction) or its short name.")] = None,
     promotes: Annotated[str | None, typer.Option(help="A token (' Paris'): heads whose readout pushes it.")] = None,
+    concept: Annotated[str | None, typer.Option(help="A concept (colors): heads ranked by Head Pursuit EVR.")] = None,
+    all_models: Annotated[bool, typer.Option("--all-models", help="With --concept: one row per model.")] = False,
     model: Annotated[str | None, typer.Option("--model", "-m", help="Alias or model key (default: all).")] = None,
     top: Annotated[int, typer.Option(help="How many heads per model.")] = 10,
     ascending: Annotated[bool, typer.Option(help="Rank lowest first.")] = False,
@@ -162,13 +164,21 @@ def heads(
 
     Example: atlas heads --metric induction --top 10 --model llama
     Example: atlas heads --promotes " Paris" --model llama
+    Example: atlas heads --concept colors --top 10 --model llama   (or --all-models)
     """
     from atlas.errors import BadInput
     from atlas.queries import rank_heads
     from atlas.store import Atlas
 
-    if sum(x is not None for x in (metric, promotes)) != 1:
-        raise BadInput("give exactly one of --metric / --promotes", "e.g. atlas heads --metric induction")
+    if sum(x is not None for x in (metric, promotes, concept)) != 1:
+        raise BadInput("give exactly one of --metric / --promotes / --concept", "e.g. atlas heads --metric induction")
+    if concept is not None:
+        from cli.pursuit import concept_table
+
+        if server:
+            raise BadInput("--concept reads the atlas file directly", "drop --server and pass --db")
+        emit(concept_table(db, concept, model, top, all_models), _format(fmt, as_json), title=f"concept {concept}")
+        return
     if promotes is not None:
         from atlas.lens_queries import rank_promoters
 
@@ -236,3 +246,4 @@ def main() -> None:
 from cli import serve as _serve  # noqa: E402,F401
 from cli import compare as _compare  # noqa: E402,F401
 from cli import lens as _lens  # noqa: E402,F401
+from cli import pursuit as _pursuit  # noqa: E402,F401

@@ -5,8 +5,10 @@ from __future__ import annotations
 from workers.families.base import Family, FamilyResult
 from workers.families.lens import LensFamily
 from workers.families.patterns import PatternsFamily
+from workers.families.pursuit import PursuitFamily
 
-FAMILIES: dict[str, Family] = {family.name: family for family in (PatternsFamily(), LensFamily())}
+FAMILIES: dict[str, Family] = {family.name: family for family in (
+    PatternsFamily(), LensFamily(), PursuitFamily())}
 
 
 def get_family(name: str) -> Family:

@@ -1,0 +1,238 @@
+"""Editing heads to test a concept ranking (Head Pursuit, arXiv 2510.21518, section 4).
+
+Scale the top-k heads for a concept by alpha (-1 suppresses, 5 enhances; every position, prompt and
+generated tokens alike) and measure, on the concept's held-out prompts:
+- `concept_mass`: mean next-token probability of the concept's single-token ids after the prompt,
+  in [0, 1]; suppression should lower it.
+- `concept_words`: mean number of concept words in the greedy continuation (max_new_tokens).
+- `corpus_loss`: mean next-token cross-entropy (nats) on corpus windows: the side effect.
+Against: 10 random head sets with the same number of heads in each layer, disjoint from the
+selection (median and IQR), and the heads with the highest logit-lens score for the concept.
+
+Many settings share one forward: each batch row carries its own per-head scale (`row_scales`),
+so a batch holds every selection x prompt at once.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from workers.concepts import Concept, ConceptTokens, concept_mass, count_concept_words, load_concepts
+from workers.corpora import load_corpus, token_windows
+from workers.hooks import edit_z
+from workers.models import LoadedModel
+from workers.probes import bos_id
+
+Heads = list[tuple[int, int]]
+LOGIT_BUDGET = 2**28  # bytes of float32 logits per forward chunk
+
+
+def k_values(n_total: int, fractions: Sequence[float]) -> list[int]:
+    """k at each fraction of all heads, at least 1, without repeats (Gemma 3 270M: 1% = 2% = 1)."""
+    return sorted({max(1, round(f * n_total)) for f in fractions})
+
+
+def top_heads(scores: torch.Tensor, k: int) -> Heads:
+    """The k heads with the highest score; scores (layers, heads)."""
+    n_heads = scores.shape[1]
+    return [(i // n_heads, i % n_heads) for i in scores.flatten().argsort(descending=True)[:k].tolist()]
+
+
+def layer_matched_random(selected: Heads, n_layers: int, n_heads: int, rng: random.Random) -> Heads:
+    """As many heads per layer as `selected`, drawn from heads not in it; when a layer has too few
+    free heads, the rest come from the nearest layers."""
+    chosen: set[tuple[int, int]] = set()
+    taken = set(selected)
+    for layer in sorted({lay for lay, _ in selected}):
+        need = sum(1 for lay, _ in selected if lay == layer)
+        for other in sorted(range(n_layers), key=lambda x: (abs(x - layer), x)):
+            free = [(other, h) for h in range(n_heads) if (other, h) not in taken | chosen]
+            picked = rng.sample(free, min(need, len(free)))
+            chosen.update(picked)
+            need -= len(picked)
+            if need == 0:
+                break
+    return sorted(chosen)
+
+
+def scale_tensor(settings: Sequence[Heads], alpha: float, n_layers: int, n_heads: int,
+                 repeat: int) -> torch.Tensor:
+    """Per-row head scales, setting-major: (len(settings) * repeat, layers, heads)."""
+    scales = torch.ones(len(settings), n_layers, n_heads)
+    for i, heads in enumerate(settings):
+        for layer, head in heads:
+            scales[i, layer, head] = alpha
+    return scales.repeat_interleave(repeat, dim=0)
+
+
+@contextmanager
+def row_scales(lm: LoadedModel, scales: torch.Tensor) -> Iterator[None]:
+    """Scale each row's heads by its own factor: scales (batch, layers, heads) on z before W_O."""
+    layers = [i for i in range(scales.shape[1]) if (scales[:, i] != 1).any()]
+    dev = scales.to(lm.device)
+
+    def edit(layer: int, z: torch.Tensor) -> torch.Tensor:  # z (b, p, h, d_head)
+        return z * dev[:, layer, None, :, None].to(z.dtype)
+
+    with edit_z(lm.adapter, edit, layers):
+        yield
+
+
+def _left_padded(lm: LoadedModel, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    from workers.families.pursuit import encode_batch
+
+    ids, mask = encode_batch(lm, texts, side="left")
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else bos_id(lm.tokenizer)
+    return ids, mask, pad
+
+
+def _chunks(n_rows: int, per_row_bytes: int) -> Iterator[slice]:
+    step = max(1, LOGIT_BUDGET // max(per_row_bytes, 1))
+    for start in range(0, n_rows, step):
+        yield slice(start, min(n_rows, start + step))
+
+
+@torch.inference_mode()
+def measure(lm: LoadedModel, concept: Concept, ids: list[int], settings: Sequence[Heads], alpha: float,
+            windows: torch.Tensor | None, max_new_tokens: int) -> dict[str, list[float]]:
+    """concept_mass, concept_words and corpus_loss for every setting (one list entry per setting)."""
+    n_layers, n_heads, vocab = lm.adapter.n_layers, lm.adapter.n_heads, lm.adapter.unembed.weight.shape[0]
+    prompts = list(concept.heldout)
+    p = len(prompts)
+    ids_t = torch.tensor(ids, dtype=torch.long)
+    scales = scale_tensor(settings, alpha, n_layers, n_heads, p)
+    rows_ids, rows_mask, pad = _left_padded(lm, prompts * len(settings))
+    mass, words = [], []
+    for part in _chunks(len(rows_ids), vocab * 4 * 2):
+        inp, mask = rows_ids[part].to(lm.device), rows_mask[part].to(lm.device)
+        with row_scales(lm, scales[part]):
+            logits = lm.model(inp, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp_min(0),
+                              logits_to_keep=1).logits[:, -1]  # (rows, vocab)
+            mass.append(concept_mass(logits, ids_t).cpu())
+            if max_new_tokens:
+                out = lm.model.generate(inp, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                        pad_token_id=pad, temperature=None, top_p=None, top_k=None)
+                texts = lm.tokenizer.batch_decode(out[:, inp.shape[1]:], skip_special_tokens=True)
+                words += [count_concept_words(t, concept) for t in texts]
+    result = {"concept_mass": torch.cat(mass).view(len(settings), p).mean(1).tolist()}
+    if max_new_tokens:
+        result["concept_words"] = torch.tensor(words, dtype=torch.float).view(len(settings), p).mean(1).tolist()
+    if windows is not None:
+        result["corpus_loss"] = corpus_loss(lm, windows, settings, alpha)
+    return result
+
+
+@torch.inference_mode()
+def corpus_loss(lm: LoadedModel, windows: torch.Tensor, settings: Sequence[Heads], alpha: float) -> list[float]:
+    """Mean next-token cross-entropy on windows (n, T) under each setting: one value per setting."""
+    n, width = windows.shape
+    vocab = lm.adapter.unembed.weight.shape[0]
+    scales = scale_tensor(settings, alpha, lm.adapter.n_layers, lm.adapter.n_heads, n)
+    rows = windows.repeat(len(settings), 1)
+    losses = []
+    for part in _chunks(len(rows), width * vocab * 4):
+        inp = rows[part].to(lm.device)
+        with row_scales(lm, scales[part]):
+            logits = lm.model(inp).logits[:, :-1].float()  # (rows, T-1, vocab)
+        ce = F.cross_entropy(logits.reshape(-1, vocab), inp[:, 1:].reshape(-1), reduction="none")
+        losses.append(ce.view(inp.shape[0], -1).mean(1).cpu())
+    return torch.cat(losses).view(len(settings), n).mean(1).tolist()
+
+
+def verify(lm: LoadedModel, concepts: list[Concept], tokens: dict[str, ConceptTokens],
+           scores: dict[str, torch.Tensor], ll_scores: dict[str, torch.Tensor],
+           config: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The editing check for every concept and k: rows for `edits` and summaries for `run_metrics`."""
+    grid = config["verify"]
+    n_layers, n_heads = lm.adapter.n_layers, lm.adapter.n_heads
+    corpus = load_corpus(config.get("corpus"), config.get("text_field", "text"))
+    windows = token_windows(corpus, lm.tokenizer, grid["window"], grid["loss_windows"], bos_id(lm.tokenizer))
+    ks = k_values(n_layers * n_heads, grid["k_fractions"])
+    edits: list[dict[str, Any]] = []
+    summaries: list[dict[str, Any]] = []
+    base_loss = corpus_loss(lm, windows, [[]], 1.0)[0]
+    for concept in concepts:
+        base = measure(lm, concept, tokens[concept.name].ids, [[]], 1.0, None, grid["max_new_tokens"])
+        for k in ks:
+            for alpha in grid["alphas"]:
+                picked = top_heads(scores[concept.name], k)
+                named: dict[str, Heads] = {"pursuit": picked, "logit-lens": top_heads(ll_scores[concept.name], k)}
+                for draw in range(grid["n_random"]):
+                    rng = random.Random(f"{config['seed']}:{concept.name}:{k}:{draw}")
+                    named[f"random-{draw}"] = layer_matched_random(picked, n_layers, n_heads, rng)
+                after = measure(lm, concept, tokens[concept.name].ids, list(named.values()), alpha, windows,
+                                grid["max_new_tokens"])
+                before = {**{m: v[0] for m, v in base.items()}, "corpus_loss": base_loss}
+                for metric, values in after.items():
+                    for (selection, heads), value in zip(named.items(), values, strict=True):
+                        edits.append({"edit_id": f"{concept.name}:k={k}:alpha={alpha:g}:{selection}:{metric}",
+                                      "concept": concept.name, "k": k, "alpha": alpha, "selection": selection,
+                                      "heads": [list(h) for h in heads], "metric": metric,
+                                      "before": before[metric], "after": value})
+                    summaries.append(summary(concept.name, k, alpha, metric, before[metric],
+                                             dict(zip(named, values, strict=True))))
+    return edits, summaries
+
+
+def summary(concept: str, k: int, alpha: float, metric: str, before: float,
+            after: dict[str, float]) -> dict[str, Any]:
+    """after/before for pursuit, logit-lens and the random draws (median, IQR, range)."""
+    ratio = {name: (value / before if before else float("nan")) for name, value in after.items()}
+    rand = torch.tensor([v for n, v in ratio.items() if n.startswith("random-")])
+    detail = {"before": before, "pursuit": ratio["pursuit"], "logit_lens": ratio["logit-lens"],
+              "random_median": float(rand.median()) if len(rand) else None,
+              "random_q1": float(rand.quantile(0.25)) if len(rand) else None,
+              "random_q3": float(rand.quantile(0.75)) if len(rand) else None,
+              "random_min": float(rand.min()) if len(rand) else None,
+              "random_max": float(rand.max()) if len(rand) else None}
+    lower = alpha < 1  # suppression should lower the concept metrics; enhancement raise them
+    if len(rand) and metric != "corpus_loss":
+        beats = ratio["pursuit"] < rand.min() if lower else ratio["pursuit"] > rand.max()
+        detail["beats_every_random"] = bool(beats)
+    return {"metric": f"pursuit.verify.{concept}.k{k}.alpha{alpha:g}.{metric}", "value": ratio["pursuit"],
+            "detail": detail}
+
+
+def edit_prompt(lm: LoadedModel, heads: Heads, alpha: float, prompt: str, concept: str | None = None,
+                max_new_tokens: int = 24) -> dict[str, Any]:
+    """Greedy continuation of one prompt before and after scaling `heads` by alpha (both in one batch)."""
+    found = load_concepts(concept)[0] if concept else None
+    settings: list[Heads] = [[], heads]
+    scales = scale_tensor(settings, alpha, lm.adapter.n_layers, lm.adapter.n_heads, 1)
+    ids, mask, pad = _left_padded(lm, [prompt, prompt])
+    with torch.inference_mode(), row_scales(lm, scales):
+        inp, att = ids.to(lm.device), mask.to(lm.device)
+        logits = lm.model(inp, attention_mask=att, logits_to_keep=1).logits[:, -1]
+        out = lm.model.generate(inp, attention_mask=att, max_new_tokens=max_new_tokens, do_sample=False,
+                                pad_token_id=pad, temperature=None, top_p=None, top_k=None)
+    before, after = lm.tokenizer.batch_decode(out[:, inp.shape[1]:], skip_special_tokens=True)
+    result: dict[str, Any] = {"prompt": prompt, "heads": [list(h) for h in heads], "alpha": alpha,
+                              "before": before, "after": after}
+    if found is not None:
+        from workers.concepts import concept_token_ids
+
+        mass = concept_mass(logits, concept_token_ids(found, lm.tokenizer, lm.adapter.unembed.weight.shape[0]))
+        result.update({"concept": found.name, "mass_before": float(mass[0]), "mass_after": float(mass[1]),
+                       "words_before": count_concept_words(before, found),
+                       "words_after": count_concept_words(after, found)})
+    return result
+
+
+def edit_from_atlas(db: str, model: str, concept: str, k: int, alpha: float, prompt: str,
+                    heads: Heads | None = None, max_new_tokens: int = 24) -> dict[str, Any]:
+    """`atlas edit`: read the concept's top-k heads from the atlas (unless given), load the model, edit."""
+    from atlas.concepts import top_heads as atlas_top_heads
+    from atlas.store import Atlas
+    from workers.models import load, resolve
+
+    source = resolve(model)
+    if heads is None:
+        with Atlas(db) as atlas:
+            heads = atlas_top_heads(atlas, source.key, concept, k)
+    return edit_prompt(load(source, "auto"), heads, alpha, prompt, concept, max_new_tokens)

@@ -1,0 +1,243 @@
+"""Concept specialization by Head Pursuit (Basile et al., arXiv 2510.21518), with an editing check.
+
+Per head: its direct write into the residual stream z_h W_O^h, mean-pooled over each sample's
+prompt tokens (BOS excluded); the samples are the training prompts of every concept in the run.
+Per (head, concept): centred SOMP over the concept-restricted dictionary D = W_U diag(gamma) (the
+final-norm gain folded in, rows L2-normalised; `concept_rows`) for T = min(steps, |tokens|) steps.
+The score is the explained variance ratio (EVR) in [0, 1], higher = the head's output varies more
+inside the span of the concept's unembeddings; rank 1 = the most specialized head.
+
+Stored: `concept_scores` (EVR and rank per head and concept), `concepts` (the word lists),
+`head_tokens` kind 'pursuit' (each head's top full-vocabulary atoms in selection order, score =
+the EVR each atom added; l2 criterion on a rank-truncated covariance and a candidate shortlist,
+see `readout`), `edits` and `run_metrics` (the verification, workers/editing.py).
+
+Failure cases: EVR is not comparable across concepts (dictionary sizes differ, and T close to the
+number of concept tokens makes SOMP project onto the whole concept span); a head writing many
+unrelated tokens can score high on a large dictionary; samples are short templated prompts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from atlas.errors import BadInput
+from workers.concepts import Concept, load_concepts, tokenize_concept
+from workers.corpora import load_corpus
+from workers.families.base import FamilyResult
+from workers.hooks import edit_z
+from workers.models import LoadedModel
+from workers.probes import bos_id
+from workers.somp import CRITERIA, CovarianceAccumulator, centred, somp_heads
+
+VERIFY_GRIDS = {
+    "small": {"k_fractions": [0.01, 0.02, 0.05], "alphas": [-1.0], "n_random": 10, "max_new_tokens": 12,
+              "loss_windows": 4, "window": 64},
+    "full": {"k_fractions": [0.01, 0.02, 0.05], "alphas": [-1.0, 5.0], "n_random": 10, "max_new_tokens": 24,
+             "loss_windows": 16, "window": 128},
+}
+
+
+class PursuitFamily:
+    name = "pursuit"
+    version = 1
+    stores = ("concepts", "concept_scores", "head_tokens", "edits", "run_metrics")
+
+    def config(self, options: dict[str, Any]) -> dict[str, Any]:
+        concepts = load_concepts(options.get("concepts"))
+        criterion = str(options.get("criterion", "l1"))
+        if criterion not in CRITERIA:
+            raise BadInput(f"unknown SOMP criterion '{criterion}'", f"use one of {', '.join(CRITERIA)}")
+        grid_name = str(options.get("verify", "small"))
+        if grid_name not in (*VERIFY_GRIDS, "off"):
+            raise BadInput(f"unknown verification grid '{grid_name}'", "use small, full or off")
+        corpus = load_corpus(options.get("corpus"), options.get("text_field", "text"))
+        steps = int(options.get("steps", 50))
+        if steps < 1:
+            raise BadInput("SOMP needs at least one step", "pass steps >= 1")
+        return {
+            "concepts": [c.to_dict() for c in concepts],
+            "criterion": criterion,
+            "steps": steps,
+            "dictionary": "W_U diag(gamma): final-norm gain folded in, rows L2-normalised",
+            "variants": "word, Capitalized, lower; each with and without a leading space",
+            "multi_token": "words with no single-token variant: out of the dictionary and the mass, "
+                           "counted in generations",
+            "samples": "training prompts of every concept in the run, BOS prepended",
+            "pool": "mean over prompt tokens, BOS excluded",
+            "centering": True, "atom_order": "selection",
+            "o_proj_bias": "not part of any head (none in Llama/Gemma)",
+            "logit_lens_score": "mean over samples and concept tokens of (W_U diag(gamma))_j . (z W_O^h)",
+            "readout": {"atoms": int(options.get("readout_atoms", 10)), "criterion": "l2",
+                        "rank": int(options.get("readout_rank", 16)),
+                        "candidates": int(options.get("readout_candidates", 2048))},
+            "verify": {"grid": grid_name, **VERIFY_GRIDS.get(grid_name, {})},
+            "seed": int(options.get("seed", 0)),
+            "corpus": options.get("corpus"), "text_field": options.get("text_field", "text"),
+            "corpus_id": corpus.corpus_id,
+            "batch": int(options.get("batch", 16)),
+        }
+
+    def probe_set(self, config: dict[str, Any]) -> str:
+        names = ",".join(c["name"] for c in config["concepts"])
+        return f"concepts:{names}"
+
+    def run(self, lm: LoadedModel, config: dict[str, Any]) -> FamilyResult:
+        from workers.editing import verify
+
+        concepts = [Concept.from_dict(c) for c in config["concepts"]]
+        n_vocab = lm.adapter.unembed.weight.shape[0]
+        tokens = {c.name: tokenize_concept(c, lm.tokenizer, n_vocab) for c in concepts}
+        usable = [c for c in concepts if tokens[c.name].ids]
+        prompts = [p for c in concepts for p in c.prompts]
+        z, n_tokens = pooled_z(lm, prompts, config["batch"])  # (n, L, H, d_head)
+        n, n_layers, n_heads, d_head = z.shape
+        flat = z.reshape(n, n_layers * n_heads, d_head)
+        w_o = torch.stack([lm.adapter.w_o(layer).detach().float().cpu()
+                           for layer in range(n_layers)]).reshape(n_layers * n_heads, d_head, -1)
+        acc = CovarianceAccumulator(n_layers * n_heads, d_head)
+        acc.update(flat)
+        gain = final_gain(lm)
+        x = centred(flat) if config["criterion"] == "l1" else acc.factor()[0]
+
+        scores, ll_scores, rows = {}, {}, []
+        for concept in usable:
+            ids = tokens[concept.name].ids
+            result = somp_heads(x, w_o, concept_rows(lm, ids, gain), config["steps"], config["criterion"])
+            evr = result.final_evr.float().view(n_layers, n_heads)
+            scores[concept.name] = evr
+            ll_scores[concept.name] = logit_lens_scores(lm, ids, gain, acc.mean.float(), w_o).view(n_layers, n_heads)
+            order = evr.flatten().argsort(descending=True)
+            for rank, idx in enumerate(order.tolist(), start=1):
+                rows.append({"layer": idx // n_heads, "head": idx % n_heads, "concept": concept.name,
+                             "score": float(evr.flatten()[idx]), "rank": rank})
+        readout_rows, kept = readout(lm, acc, w_o, gain, config["readout"], n_heads)
+        token_info = {c.name: tokens[c.name].summary() for c in concepts}
+        run_metrics = [{"metric": f"pursuit.tokens.{name}", "value": float(info["n_tokens"]), "detail": info}
+                       for name, info in token_info.items()]
+        run_metrics.append({"metric": "pursuit.readout_variance_kept", "value": float(kept.mean()),
+                            "detail": {"min": float(kept.min()), "rank": config["readout"]["rank"]}})
+        edits: list[dict[str, Any]] = []
+        if config["verify"]["grid"] != "off" and usable:
+            edits, summaries = verify(lm, usable, tokens, scores, ll_scores, config)
+            run_metrics += summaries
+        return FamilyResult(
+            tables={"concepts": [{"name": c.name, "words": list(c.words), "source": c.source} for c in concepts],
+                    "concept_scores": rows, "head_tokens": readout_rows, "edits": edits,
+                    "run_metrics": run_metrics},
+            tokens=n_tokens,
+            extra_config={"n_samples": n, "concept_tokens": token_info, "bos_token_id": bos_id(lm.tokenizer),
+                          "skipped_concepts": [c.name for c in concepts if c not in usable]})
+
+
+def encode_batch(lm: LoadedModel, texts: list[str], side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """BOS + tokens, padded: (ids (b, T), attention mask (b, T)); left padding for generation."""
+    bos = bos_id(lm.tokenizer)
+    seqs = [[bos, *lm.tokenizer.encode(t, add_special_tokens=False)] for t in texts]
+    width = max(len(s) for s in seqs)
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else bos
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        span = slice(0, len(s)) if side == "right" else slice(width - len(s), width)
+        ids[i, span] = torch.tensor(s)
+        mask[i, span] = 1
+    return ids, mask
+
+
+def pooled_z(lm: LoadedModel, texts: list[str], batch: int) -> tuple[torch.Tensor, int]:
+    """Mean z over each text's tokens (BOS and padding excluded): (n, layers, heads, d_head)."""
+    out: list[torch.Tensor] = []
+    n_tokens = 0
+    for start in range(0, len(texts), batch):
+        ids, mask = encode_batch(lm, texts[start:start + batch])
+        keep = mask.clone().float()
+        keep[:, 0] = 0.0  # BOS is a sink: its z says nothing about the prompt
+        weights = (keep / keep.sum(1, keepdim=True)).to(lm.device)  # (b, T)
+        layers: dict[int, torch.Tensor] = {}
+
+        def pool(layer: int, z: torch.Tensor, layers=layers, weights=weights) -> None:
+            layers[layer] = torch.einsum("bt,bthk->bhk", weights, z.float()).cpu()
+
+        with torch.inference_mode(), edit_z(lm.adapter, pool):
+            lm.model(ids.to(lm.device), attention_mask=mask.to(lm.device))
+        out.append(torch.stack([layers[i] for i in range(lm.adapter.n_layers)], dim=1))
+        n_tokens += int(mask.sum())
+    return torch.cat(out), n_tokens
+
+
+def final_gain(lm: LoadedModel) -> torch.Tensor:
+    """gamma of the final norm, (d_model,), read off the module: works for LayerNorm, RMSNorm and
+    Gemma's (1 + w) RMSNorm. A zero-mean, unit-RMS +-1 input x gives norm(x) - norm(0) = gamma * x."""
+    norm, d_model = lm.adapter.final_norm, lm.adapter.d_model
+    x = torch.ones(d_model)
+    x[1::2] = -1.0
+    if d_model % 2:
+        return norm.weight.detach().float().cpu()
+    param = next(norm.parameters())
+    with torch.inference_mode():
+        probe = torch.stack([x, torch.zeros(d_model)]).to(param.device, param.dtype)
+        out = norm(probe).float().cpu()
+    return (out[0] - out[1]) * x
+
+
+def _unembed(lm: LoadedModel) -> torch.Tensor:
+    return lm.adapter.unembed.weight.detach()  # (vocab, d_model)
+
+
+def concept_rows(lm: LoadedModel, ids: list[int], gain: torch.Tensor) -> torch.Tensor:
+    """The concept-restricted dictionary: rows of W_U diag(gamma), L2-normalised, (|ids|, d_model)."""
+    rows = _unembed(lm)[torch.tensor(ids, device=_unembed(lm).device)].float().cpu() * gain
+    return rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def logit_lens_scores(lm: LoadedModel, ids: list[int], gain: torch.Tensor, mean_z: torch.Tensor,
+                      w_o: torch.Tensor) -> torch.Tensor:
+    """The paper's Logit-Lens baseline: mean direct logit of the concept tokens, (heads,).
+
+    mean_z: (heads, d_head) mean pooled z; w_o: (heads, d_head, d_model)."""
+    rows = _unembed(lm)[torch.tensor(ids, device=_unembed(lm).device)].float().cpu() * gain  # (v, d_model)
+    out = torch.einsum("hk,hkd->hd", mean_z, w_o)  # (heads, d_model) mean head output
+    return (out @ rows.T).mean(1)
+
+
+def readout(lm: LoadedModel, acc: CovarianceAccumulator, w_o: torch.Tensor, gain: torch.Tensor,
+            cfg: dict[str, Any], n_heads: int, chunk: int = 16384) -> tuple[list[dict[str, Any]], torch.Tensor]:
+    """Each head's top atoms over the full vocabulary (the Head Pursuit readout), l2 criterion.
+
+    Exact over the full vocabulary would cost vocab x d_model x d_head per head, so: the head's
+    covariance is truncated to its top `rank` directions (the kept variance fraction is returned
+    and stored), and SOMP runs on the `candidates` atoms with the highest first-step score.
+    """
+    x, kept = acc.factor(cfg["rank"])  # (heads, r, d_head)
+    x = x.float()
+    total_heads, r, _ = x.shape
+    m_all = torch.einsum("hkd,hrk->dhr", w_o, x).reshape(w_o.shape[2], -1)  # (d_model, heads * r)
+    unembed = _unembed(lm)
+    vocab = unembed.shape[0]
+    n_cand = min(cfg["candidates"], vocab)
+    best_score = torch.full((total_heads, 0), -1.0)
+    best_idx = torch.zeros((total_heads, 0), dtype=torch.long)
+    for start in range(0, vocab, chunk):
+        rows = unembed[start:start + chunk].float().cpu() * gain
+        rows = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        score = (rows @ m_all).view(-1, total_heads, r).square().sum(-1).T  # (heads, chunk)
+        idx = torch.arange(start, start + rows.shape[0]).expand(total_heads, -1)
+        best_score, pos = torch.cat([best_score, score], 1).topk(min(n_cand, best_score.shape[1] + score.shape[1]), 1)
+        best_idx = torch.cat([best_idx, idx], 1).gather(1, pos)
+    out: list[dict[str, Any]] = []
+    for start in range(0, total_heads, n_heads):  # one layer at a time keeps the candidate rows small
+        heads = slice(start, start + n_heads)
+        cand = best_idx[heads]  # (n_heads, C)
+        rows = unembed[cand.flatten().to(unembed.device)].float().cpu() * gain
+        rows = (rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)).view(*cand.shape, -1)
+        result = somp_heads(x[heads], w_o[heads], rows, cfg["atoms"], "l2")
+        token_ids = cand.gather(1, result.atoms)
+        for h in range(cand.shape[0]):
+            flat = start + h
+            for rank, (tid, score) in enumerate(zip(token_ids[h].tolist(), result.gains[h].tolist(), strict=True), 1):
+                out.append({"layer": flat // n_heads, "head": flat % n_heads, "kind": "pursuit", "rank": rank,
+                            "token_id": int(tid), "token_text": lm.tokenizer.decode([tid]), "score": float(score)})
+    return out, kept
