@@ -68,7 +68,8 @@ def train(
     steps: Annotated[int, typer.Option(help="Adam steps per layer (resumes from saved weights).")] = 100,
     corpus: Annotated[str | None, typer.Option(help="Corpus: .txt, .jsonl, .parquet or HF dataset.")] = None,
     text_field: Annotated[str, typer.Option(help="JSONL field / Parquet column with the text.")] = "text",
-    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 1e-3,
+    lr: Annotated[float, typer.Option(help="Adam learning rate of the maps.")] = 1e-3,
+    bias_lr: Annotated[float, typer.Option(help="Adam learning rate of the biases.")] = 0.1,
     positions: Annotated[int, typer.Option(help="Token positions per step.")] = 64,
     docs: Annotated[int, typer.Option(help="Documents to read (every 5th held out).")] = 40,
     window: Annotated[int, typer.Option(help="Tokens per document, at most.")] = 64,
@@ -87,7 +88,7 @@ def train(
     from workers.lens_training import train_lenses
 
     report = train_lenses(model, db, layers=layers, steps=steps, corpus=corpus, text_field=text_field, lr=lr,
-                          positions=positions, docs=docs, window=window, seed=seed, device=device,
+                          bias_lr=bias_lr, positions=positions, docs=docs, window=window, seed=seed, device=device,
                           progress=lambda message: stderr.print(message, highlight=False))
     if as_json:
         emit_json(report)

@@ -57,8 +57,8 @@ def documents(corpus: Corpus, tokenizer: Any, window: int, n_docs: int, min_toke
         if len(docs) >= n_docs:
             break
     if len(docs) < 2:
-        raise BadInput(f"the corpus {corpus.name} has {len(docs)} texts of at least {min_tokens} tokens; "
-                       "lens training needs 2 (one to train, one held out)",
+        raise BadInput(f"the corpus {corpus.name} is too short for lens training: it has {len(docs)} texts of "
+                       f"at least {min_tokens} tokens, and needs 2 (one to train, one held out)",
                        "pass a longer corpus (paragraphs separated by blank lines)")
     return docs
 
@@ -178,7 +178,7 @@ class LayerResult:
 
 
 def train_layer(lm: LoadedModel, layer: int, train: LensData, held: LensData, *, steps: int, lr: float,
-                positions: int, seed: int, path: Path, save_every: int = 25,
+                bias_lr: float, positions: int, seed: int, path: Path, save_every: int = 25,
                 progress: Progress | None = None) -> LayerResult:
     """Train (or resume) one layer's lenses; checkpoints (weights, Adam state, step) go to `path`."""
     from safetensors.torch import load_file, save_file
@@ -187,7 +187,8 @@ def train_layer(lm: LoadedModel, layer: int, train: LensData, held: LensData, *,
     lens = logit_lens_init(lm, layer, scale)
     z_held = held.z[layer]
     kl_before = evaluate(lm, lens, z_held, held.final)
-    opt = torch.optim.Adam(lens.parameters(), lr=lr)
+    # the bias starts at 0 and must travel ~10 logits to the output prior: its own, larger step size
+    opt = torch.optim.Adam([{"params": [lens.a], "lr": lr}, {"params": [lens.b], "lr": bias_lr}])
     start = 0
     if path.exists():
         saved = load_file(str(path))
@@ -253,11 +254,12 @@ def parse_layers(spec: str | None, n_layers: int) -> list[int]:
     return out
 
 
-DEFAULTS = {"steps": 100, "lr": 1e-3, "positions": 64, "docs": 40, "window": 64, "seed": 0}
+DEFAULTS = {"steps": 100, "lr": 1e-3, "bias_lr": 0.1, "positions": 64, "docs": 40, "window": 64, "seed": 0}
 
 
 def train_lenses(model: str, db: str | Path, *, layers: str | None = None, steps: int = DEFAULTS["steps"],
                  corpus: str | None = None, text_field: str = "text", lr: float = DEFAULTS["lr"],
+                 bias_lr: float = DEFAULTS["bias_lr"],
                  positions: int = DEFAULTS["positions"], docs: int = DEFAULTS["docs"],
                  window: int = DEFAULTS["window"], seed: int = DEFAULTS["seed"], device: str = "auto",
                  progress: Progress | None = None) -> dict[str, Any]:
@@ -286,7 +288,7 @@ def train_lenses(model: str, db: str | Path, *, layers: str | None = None, steps
     held_docs = [d for i, d in enumerate(all_docs) if i in held_out]
     train_docs = [d for i, d in enumerate(all_docs) if i not in held_out]
     config = {"corpus": corpus or "embedded", "corpus_id": text.corpus_id, "text_field": text_field,
-              "layers": chosen, "lr": lr, "positions_per_step": positions, "docs": len(all_docs),
+              "layers": chosen, "lr": lr, "bias_lr": bias_lr, "positions_per_step": positions, "docs": len(all_docs),
               "window": window, "seed": seed, "held_out": "every 5th document (else the last)",
               "init": "logit lens s_bar * W_U diag(gamma) C W_O^h^T, bias 0",
               "loss": "KL(P_model || softmax(A_h z + b_h)) per head, non-pad positions after BOS",
@@ -306,7 +308,7 @@ def train_lenses(model: str, db: str | Path, *, layers: str | None = None, steps
         results = []
         for layer in chosen:
             say(f"layer {layer}: training {lm.adapter.n_heads} lenses")
-            results.append(train_layer(lm, layer, train, held, steps=steps, lr=lr, positions=positions,
+            results.append(train_layer(lm, layer, train, held, steps=steps, lr=lr, bias_lr=bias_lr, positions=positions,
                                        seed=seed, path=folder / f"layer_{layer}.safetensors", progress=say))
         seconds = (datetime.now(UTC) - started).total_seconds()
         tables = _tables(results, baseline, folder)
