@@ -78,3 +78,28 @@ def list_models(atlas: Atlas) -> pa.Table:
                      models.c.n_heads, models.c.n_kv_heads, models.c.d_head, models.c.format,
                      models.c.quantization, n_runs.label("complete_runs")).order_by(models.c.model_key)
     return atlas.execute(stmt)
+
+
+def role_summary(atlas: Atlas, model: str | None = None, top: int = 5) -> pa.Table:
+    """Per role (stored thresholds): how many heads pass, and the top heads with their scores."""
+    model_key = resolve_model_key(atlas, model) if model else None
+    thresholds = schema.role_thresholds
+    roles = atlas.execute(sa.select(thresholds.c.metric, thresholds.c.threshold, thresholds.c.label)
+                          .order_by(thresholds.c.metric)).to_pylist()
+    rows = []
+    for role in roles:
+        stmt = (sa.select(latest.c.model_key, latest.c.layer, latest.c.head, latest.c.value)
+                .where(latest.c.metric == role["metric"])
+                .order_by(latest.c.model_key, latest.c.value.desc()))
+        if model_key:
+            stmt = stmt.where(latest.c.model_key == model_key)
+        by_model: dict[str, list[dict]] = {}
+        for row in atlas.execute(stmt).to_pylist():
+            by_model.setdefault(row["model_key"], []).append(row)
+        for key, heads in by_model.items():
+            rows.append({"role": role["label"], "metric": role["metric"], "threshold": role["threshold"],
+                         "model_key": key, "heads_above": sum(r["value"] > role["threshold"] for r in heads),
+                         "of": len(heads),
+                         "top_heads": ", ".join(f"{r['layer']}.{r['head']} ({r['value']:.2f})"
+                                                for r in heads[:top])})
+    return pa.Table.from_pylist(rows) if rows else pa.table({"role": pa.array([], pa.string())})

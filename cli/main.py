@@ -199,6 +199,26 @@ def heads(
 
 @app.command()
 @reports_errors
+def roles(
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Alias or model key (default: all).")] = None,
+    top: Annotated[int, typer.Option(help="Top heads shown per role.")] = 5,
+    db: DbOption = Path(DEFAULT_DB),
+    fmt: FormatOption = Format.table,
+    as_json: JsonFlag = False,
+) -> None:
+    """Top heads for each role, and how many heads pass its stored threshold.
+
+    Example: atlas roles --model llama
+    """
+    from atlas.queries import role_summary
+    from atlas.store import Atlas
+
+    with Atlas(db) as atlas:
+        emit(role_summary(atlas, model, top), _format(fmt, as_json), title="roles")
+
+
+@app.command()
+@reports_errors
 def models(
     db: DbOption = Path(DEFAULT_DB),
     server: ServerOption = None,
@@ -243,7 +263,7 @@ def main() -> None:
     app()
 
 
-from cli import serve as _serve  # noqa: E402,F401
 from cli import compare as _compare  # noqa: E402,F401
 from cli import lens as _lens  # noqa: E402,F401
 from cli import pursuit as _pursuit  # noqa: E402,F401
+from cli import serve as _serve  # noqa: E402,F401

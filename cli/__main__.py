@@ -1,0 +1,5 @@
+"""`python -m cli` runs the same app as the `atlas` console script."""
+
+from cli.main import main
+
+main()

@@ -1,0 +1,109 @@
+"""The build path end to end on a tiny model, through the CLI a user types."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import shutil
+from pathlib import Path
+
+import duckdb
+import pytest
+from typer.testing import CliRunner
+
+from atlas.errors import BadInput
+from cli.main import app
+from workers.build import build, build_lock
+
+runner = CliRunner()
+
+
+def _build(tiny_dir: Path, db: Path, *extra: str):
+    return runner.invoke(app, ["build", "--model", str(tiny_dir), "--families", "patterns", "--db", str(db),
+                               "--executor", "local", "--json", *extra])
+
+
+def _count(db: Path, table: str = "head_metrics") -> int:
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        return con.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0]
+    finally:
+        con.close()
+
+
+def test_build_twice_does_no_work_and_adds_no_rows(tiny_dir: Path, tmp_path: Path) -> None:
+    db = tmp_path / "a.duckdb"
+    first = _build(tiny_dir, db)
+    assert first.exit_code == 0, first.output
+    summary = json.loads(first.stdout)
+    assert summary["completed"] == 1 and summary["rows"] == 3 * 4 * 10
+    rows = _count(db)
+    second = _build(tiny_dir, db)
+    assert second.exit_code == 0, second.output
+    assert json.loads(second.stdout)["skipped"] == 1 and json.loads(second.stdout)["completed"] == 0
+    assert _count(db) == rows and _count(db, "runs") == 1
+    changed = _build(tiny_dir, db, "--seed", "1")  # a new config is a new run
+    assert json.loads(changed.stdout)["completed"] == 1 and _count(db, "runs") == 2
+
+
+def test_query_heads_models_commands(tiny_dir: Path, tmp_path: Path) -> None:
+    db = tmp_path / "a.duckdb"
+    assert _build(tiny_dir, db).exit_code == 0
+    ranked = runner.invoke(app, ["heads", "--metric", "induction", "--top", "3", "--db", str(db), "--json"])
+    assert ranked.exit_code == 0, ranked.output
+    rows = json.loads(ranked.stdout)
+    assert len(rows) == 3 and rows[0]["value"] >= rows[1]["value"] >= rows[2]["value"]
+    assert rows[0]["metric"] == "patterns.induction"
+    csv = runner.invoke(app, ["query", "SELECT layer, head FROM heads ORDER BY 1, 2 LIMIT 2", "--db", str(db),
+                              "--format", "csv"])
+    assert csv.stdout.splitlines() == ["\"layer\",\"head\"", "0,0", "0,1"]
+    listed = json.loads(runner.invoke(app, ["models", "--db", str(db), "--json"]).stdout)
+    assert listed["models"][0]["n_heads"] == 4 and {a["alias"] for a in listed["aliases"]} >= {"llama", "gemma"}
+
+
+@pytest.mark.parametrize(("args", "code", "message"), [
+    (["build", "--model", "lama"], 3, "unknown model 'lama'"),
+    (["build", "--model", "./missing.gguf"], 3, "no model file"),
+    (["build", "--model", "llama", "--families", "nope"], 2, "unknown family"),
+    (["query", "DELETE FROM runs"], 2, "only read queries"),
+    (["heads", "--metric", "nope"], 3, "no metric 'nope'"),
+])
+def test_bad_input_is_clear_and_leaves_the_atlas_unchanged(tiny_dir: Path, tmp_path: Path, args, code,
+                                                           message) -> None:
+    db = tmp_path / "a.duckdb"
+    assert _build(tiny_dir, db).exit_code == 0
+    before = db.read_bytes()
+    result = runner.invoke(app, [*args, "--db", str(db)])
+    assert result.exit_code == code, result.output
+    assert message in " ".join(result.stderr.split())
+    assert db.read_bytes() == before
+
+
+def test_bad_input_creates_no_atlas(tmp_path: Path) -> None:
+    db = tmp_path / "new.duckdb"
+    assert runner.invoke(app, ["build", "--model", "lama", "--db", str(db)]).exit_code == 3
+    assert not db.exists()
+
+
+def test_second_build_on_a_held_atlas_is_refused(tiny_dir: Path, tmp_path: Path) -> None:
+    db = tmp_path / "a.duckdb"
+    assert _build(tiny_dir, db).exit_code == 0
+    before = db.read_bytes()
+    with build_lock(db):  # a running build holds this for its whole life
+        result = _build(tiny_dir, db, "--seed", "7")
+    assert result.exit_code == 4
+    assert "another build" in result.stderr
+    assert db.read_bytes() == before
+
+
+def test_a_build_that_fails_inside_the_lock_releases_it(tiny_dir: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"not safetensors at all")
+    db = tmp_path / "a.duckdb"
+    with pytest.raises(BadInput, match="could not be loaded"):
+        build([str(broken)], ["patterns"], db, executor="local", device="cpu")
+    assert not db.exists()
+    lock = db.with_name(db.name + ".build.lock")
+    with lock.open("a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # would raise if still held
