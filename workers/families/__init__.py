@@ -6,9 +6,10 @@ from workers.families.base import Family, FamilyResult
 from workers.families.lens import LensFamily
 from workers.families.patterns import PatternsFamily
 from workers.families.pursuit import PursuitFamily
+from workers.families.retrieval import RetrievalFamily
 
 FAMILIES: dict[str, Family] = {family.name: family for family in (
-    PatternsFamily(), LensFamily(), PursuitFamily())}
+    PatternsFamily(), LensFamily(), PursuitFamily(), RetrievalFamily())}
 
 
 def get_family(name: str) -> Family:

@@ -1,0 +1,241 @@
+"""Retrieval heads (Wu et al., arXiv 2404.15574): copy-paste from a needle during greedy decoding.
+
+Per test (one needle at one length and depth), the prompt is prefilled with sdpa and decoded
+greedily; at every decode step t the probe (workers/decode_probe.py) gives each head's argmax key
+j*_t from that step's query and the cached keys, never a T x T matrix. Head h hits at step t when
+b <= j*_t < e (the answer span) and prompt[j*_t] equals the generated token w_t. Per test,
+s_h = hits / (e - b), repeated hits counted again as in Wu et al.'s code. A test is kept only if
+the answer is right (ROUGE-1 recall of the answer in the response > 0.5); others are dropped.
+
+Stored per head:
+- `retrieval.score`: mean s_h over kept tests; range [0, ~1] (above 1 only if a head copies the
+  answer more than once), higher = more copy-paste retrieval. Wu et al. label > 0.1 a retrieval
+  head and find 3-6% of heads above it in 7B models. Failure cases: a model that never answers
+  keeps no tests (score 0, n 0); short answers give coarse scores; heads that copy through a
+  spread-out pattern (argmax elsewhere) score 0.
+- `retrieval.activation_frequency`: share of kept tests with s_h > 0, in [0, 1].
+- `retrieval.tests_kept`: number of kept tests (same for every head; n on every row).
+
+Masking check (run_metrics `retrieval.mask.*`, edits rows): the needle score (mean ROUGE-1 recall
+over a test subset) with the top-k heads' queries zeroed on decode steps only, against k random
+heads drawn from the same layers, as in Wu et al.'s `needle_in_haystack_with_mask.py`.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+from workers.corpora import load_corpus
+from workers.decode_probe import DecodeProbe, attached, mask_map
+from workers.families.base import FamilyResult, head_metric_rows
+from workers.models import LoadedModel
+from workers.needles import NEEDLES, NeedleTest, build_tests, depth_grid, length_grid, rouge1_recall
+
+
+def stop_ids(tokenizer: Any) -> list[int]:
+    """Ids that end an answer: EOS, chat end-of-turn, and newline tokens (Wu et al. stop at '\\n')."""
+    ids = {i for i in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")) if i is not None}
+    ids |= {i for tok, i in tokenizer.get_vocab().items() if tok.strip(" \u0120") in ("\n", "\u010a", "\u010a\u010a")}
+    unk = tokenizer.unk_token_id
+    return sorted(i for i in ids if i != unk)
+
+
+def copy_hits(pos: torch.Tensor, prompt: torch.Tensor, span: tuple[int, int], token: int) -> torch.Tensor:
+    """Wu et al.'s copy-paste test for one step: argmax in [b, e) and prompt[argmax] == token.
+
+    pos: argmax positions, any shape (e.g. (n_layers, n_heads)); prompt: (T,) ids. Same shape, bool.
+    """
+    inside = (pos >= span[0]) & (pos < span[1])
+    return inside & (prompt[pos.clamp(0, len(prompt) - 1)] == token)
+
+
+def prefill(lm: LoadedModel, ids: list[int]) -> Any:
+    """Run prompt[:-1] through the model (sdpa path); returns the KV cache."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=lm.model.config)
+    lm.model(torch.tensor([ids[:-1]], device=lm.device), past_key_values=cache, use_cache=True)
+    return cache
+
+
+def decode(lm: LoadedModel, test: NeedleTest, cache: Any, probe: DecodeProbe, max_new: int,
+           stops: list[int]) -> tuple[list[int], np.ndarray]:
+    """Greedy decode from a prefilled cache; returns (generated ids, hits (n_layers, n_heads)).
+
+    Feeds the last prompt token first, as Wu et al. do, so every step is a q_len = 1 step.
+    """
+    a = lm.adapter
+    prompt = torch.tensor(test.ids)
+    hits = torch.zeros(a.n_layers, a.n_heads, dtype=torch.long)
+    current, generated = test.ids[-1], []
+    for _ in range(max_new):
+        total = len(test.ids) + len(generated)
+        logits = lm.model(torch.tensor([[current]], device=lm.device), past_key_values=cache,
+                          use_cache=True).logits
+        token = int(logits[0, -1].argmax())
+        if probe.record:
+            pos = probe.absolute(a.n_layers, total)[:, 0].cpu()  # (n_layers, n_heads)
+            hits += copy_hits(pos, prompt, test.span, token)
+        if token in stops:
+            break
+        generated.append(token)
+        current = token
+    return generated, hits.numpy()
+
+
+def needle_scores(lm: LoadedModel, tests: list[NeedleTest], masks: dict[str, list[tuple[int, int]]],
+                  max_new: int) -> dict[str, list[float]]:
+    """ROUGE-1 recall per test under each head mask ({name: heads}); one prefill per test."""
+    stops = stop_ids(lm.tokenizer)
+    out: dict[str, list[float]] = {name: [] for name in masks}
+    with torch.inference_mode(), attached(lm.model, DecodeProbe(record=False)) as probe:
+        for test in tests:
+            cache = prefill(lm, test.ids)
+            for name, heads in masks.items():
+                probe.mask = mask_map(heads)
+                generated, _ = decode(lm, test, copy.deepcopy(cache), probe, max_new, stops)
+                out[name].append(rouge1_recall(test.needle.answer, lm.tokenizer.decode(generated)))
+            probe.mask = {}
+    return out
+
+
+def random_same_layers(top: list[tuple[int, int]], n_heads: int, seed: int) -> list[tuple[int, int]]:
+    """One random head per top head, from the same layer, outside the top set where possible."""
+    rng = random.Random(seed)
+    chosen: set[tuple[int, int]] = set()
+    for layer, _ in top:
+        pool = [(layer, h) for h in range(n_heads) if (layer, h) not in top and (layer, h) not in chosen]
+        pool = pool or [(layer, h) for h in range(n_heads) if (layer, h) not in chosen]
+        chosen.add(rng.choice(pool))
+    return sorted(chosen)
+
+
+class RetrievalFamily:
+    name = "retrieval"
+    version = 1
+    stores = ("head_metrics", "edits", "run_metrics")
+
+    def config(self, options: dict[str, Any]) -> dict[str, Any]:
+        from atlas.errors import BadInput
+
+        corpus = load_corpus(options.get("corpus"), options.get("text_field", "text"))
+        max_context = int(options.get("max_context") or 1024)
+        if max_context < 256:
+            raise BadInput(f"--max-context {max_context} is too short for a haystack",
+                           "use at least 256 tokens")
+        return {"corpus": options.get("corpus"), "text_field": options.get("text_field", "text"),
+                "corpus_id": corpus.corpus_id, "max_context": max_context,
+                "n_lengths": int(options.get("retrieval_lengths", 2)),
+                "min_length": int(options.get("retrieval_min_length", 512)),
+                "depths": depth_grid(int(options.get("retrieval_depths", 10))),
+                "needles": [n.name for n in NEEDLES],
+                "max_new_tokens": int(options.get("retrieval_max_new_tokens", 40)),
+                "prompt": options.get("retrieval_prompt", "chat"),
+                "keep_if": "rouge1_recall(answer, response) > 0.5 (lowercase alnum unigrams, no stemming)",
+                "hit": "argmax in answer span and prompt[argmax] == generated token",
+                "mask_k": int(options.get("retrieval_mask_k", 10)),
+                "mask_random_seeds": int(options.get("retrieval_mask_seeds", 2)),
+                "mask_max_tests": int(options.get("retrieval_mask_tests", 10)),
+                "mask_tests": "kept tests at the longest length, evenly spread, at most mask_max_tests",
+                "mask_mode": "query zeroed on decode steps only (uniform attention)",
+                "seed": int(options.get("seed", 0)),
+                "attn_implementation": "sdpa prefill; decode-step argmax probe (q.K^T, GQA)"}
+
+    def probe_set(self, config: dict[str, Any]) -> str:
+        return f"needles:{len(config['needles'])}:{config['corpus_id']}:max={config['max_context']}"
+
+    def grid(self, lm: LoadedModel, config: dict[str, Any]) -> list[int]:
+        """Lengths scaled to the model's context (max_position_embeddings) and max_context."""
+        model_ctx = getattr(lm.model.config, "max_position_embeddings", None) or config["max_context"]
+        longest = min(config["max_context"], int(model_ctx) - config["max_new_tokens"] - 1)
+        return length_grid(longest, config["n_lengths"], min(config["min_length"], longest))
+
+    def tests(self, lm: LoadedModel, config: dict[str, Any]) -> list[NeedleTest]:
+        corpus = load_corpus(config["corpus"], config["text_field"])
+        chosen = tuple(n for n in NEEDLES if n.name in config["needles"])
+        return build_tests(lm.tokenizer, corpus.texts, self.grid(lm, config), config["depths"],
+                           chosen, chat=config["prompt"] == "chat")
+
+    def run(self, lm: LoadedModel, config: dict[str, Any]) -> FamilyResult:
+        a = lm.adapter
+        tests = self.tests(lm, config)
+        stops = stop_ids(lm.tokenizer)
+        scores, recalls = [], []
+        with torch.inference_mode(), attached(lm.model, DecodeProbe(record=True)) as probe:
+            for test in tests:
+                generated, hits = decode(lm, test, prefill(lm, test.ids), probe, config["max_new_tokens"], stops)
+                recalls.append(rouge1_recall(test.needle.answer, lm.tokenizer.decode(generated)))
+                scores.append(hits / (test.span[1] - test.span[0]))  # (n_layers, n_heads)
+        kept = np.array(recalls) > 0.5
+        per_test = np.stack(scores)[kept]  # (kept, n_layers, n_heads)
+        n = int(kept.sum())
+        zeros = np.zeros((a.n_layers, a.n_heads))
+        score = per_test.mean(0) if n else zeros
+        freq = (per_test > 0).mean(0) if n else zeros
+        stderr = per_test.std(0) / np.sqrt(n) if n > 1 else None
+        rows = head_metric_rows("retrieval.score", score, stderr, n)
+        rows += head_metric_rows("retrieval.activation_frequency", freq, None, n)
+        rows += head_metric_rows("retrieval.tests_kept", zeros + n, None, n)
+        grid = {"lengths": sorted({t.length for t in tests}), "depths": config["depths"],
+                "needles": config["needles"], "tests": len(tests), "kept": n}
+        per_length = {str(length): float(np.mean([r for r, t in zip(recalls, tests, strict=True)
+                                                  if t.length == length])) for length in grid["lengths"]}
+        run_metrics = [
+            {"metric": "retrieval.tests_kept", "value": float(n), "detail": grid},
+            {"metric": "retrieval.needle_score", "value": float(np.mean(recalls)),
+             "detail": {"per_length": per_length}},
+            {"metric": "retrieval.share_above_0.1", "value": float((score > 0.1).mean()),
+             "detail": {"histogram": distribution(score)}},
+        ]
+        edits, mask_metrics = self.masking(lm, config, tests, recalls, score) if n else ([], [])
+        return FamilyResult({"head_metrics": rows, "edits": edits, "run_metrics": run_metrics + mask_metrics},
+                            tokens=sum(len(t.ids) for t in tests), extra_config={"grid": grid})
+
+    def masking(self, lm: LoadedModel, config: dict[str, Any], tests: list[NeedleTest], recalls: list[float],
+                score: np.ndarray) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Needle score with the top-k heads masked vs k random heads from the same layers.
+
+        Run on tests the clean model solved (their clean score is known from the scoring pass), so
+        a drop means the masked heads were needed; one prefill per test, masks on decode only.
+        """
+        k = min(config["mask_k"], int((score > 0).sum()))
+        if k == 0:
+            return [], []
+        order = np.argsort(-score, axis=None, kind="stable")[:k]
+        top = sorted((int(i) // score.shape[1], int(i) % score.shape[1]) for i in order)
+        masks = {"top": top}
+        for s in range(config["mask_random_seeds"]):
+            masks[f"random_{s}"] = random_same_layers(top, score.shape[1], config["seed"] + s)
+        longest = max(t.length for t in tests)
+        pool = [i for i, t in enumerate(tests) if t.length == longest and recalls[i] > 0.5]
+        pick = sorted({pool[round(j)] for j in np.linspace(0, len(pool) - 1, config["mask_max_tests"])}) \
+            if pool else []
+        if not pick:
+            return [], []
+        result = {name: float(np.mean(v)) for name, v in
+                  needle_scores(lm, [tests[i] for i in pick], masks, config["max_new_tokens"]).items()}
+        result["clean"] = float(np.mean([recalls[i] for i in pick]))
+        edits = [{"edit_id": f"mask-{name}-k{k}", "concept": None, "k": k, "alpha": 0.0,
+                  "selection": "retrieval-top" if name == "top" else f"random seed {config['seed'] + i - 1}",
+                  "heads": [list(h) for h in masks[name]], "metric": "retrieval.needle_rouge1",
+                  "before": result["clean"], "after": result[name]}
+                 for i, name in enumerate(masks)]
+        randoms = [result[name] for name in masks if name.startswith("random")]
+        detail = {"k": k, "tests": len(pick), "length": longest, "clean": result["clean"], "top": result["top"],
+                  "random": randoms, "top_heads": [list(h) for h in top]}
+        metrics = [{"metric": "retrieval.mask.top", "value": result["top"], "detail": detail},
+                   {"metric": "retrieval.mask.random", "value": float(np.mean(randoms)), "detail": detail},
+                   {"metric": "retrieval.mask.clean", "value": result["clean"], "detail": detail}]
+        return edits, metrics
+
+
+def distribution(score: np.ndarray) -> dict[str, float]:
+    """Share of heads per score bin, as in Wu et al.'s Fig. 3 (=0, (0, .1], (.1, .5], > .5)."""
+    s = score.ravel()
+    return {"=0": float((s == 0).mean()), "(0,0.1]": float(((s > 0) & (s <= 0.1)).mean()),
+            "(0.1,0.5]": float(((s > 0.1) & (s <= 0.5)).mean()), ">0.5": float((s > 0.5).mean())}
