@@ -198,11 +198,12 @@ class Atlas:
             self.con.execute(schema.head_roles_view(metrics))
         return rows
 
-    def record_failure(self, run: dict[str, Any], model: dict[str, Any]) -> None:
+    def record_failure(self, run: dict[str, Any], model: dict[str, Any] | None) -> None:
         """Keep a failed unit visible (status + error) without touching its earlier results."""
         self._require_writer()
         with self.transaction():
-            self._replace_row(schema.models, model)
+            if model is not None:
+                self._replace_row(schema.models, model)
             self._replace_row(schema.runs, run)
 
 

@@ -54,7 +54,7 @@ def build(
     address: Annotated[str | None, typer.Option(help="Ray cluster address; omit to start a local one.")] = None,
     executor: Annotated[str, typer.Option(help="ray, or local (in-process, no Ray).")] = "ray",
     seed: Annotated[int, typer.Option(help="Seed of the built-in probe sets.")] = 0,
-    corpus: Annotated[str | None, typer.Option(help="Corpus: .txt, .jsonl, .parquet or HF dataset.")] = None,
+    corpus: Annotated[list[str] | None, typer.Option(help="Corpus file or HF dataset; repeatable.")] = None,
     text_field: Annotated[str, typer.Option(help="JSONL field / Parquet column with the text.")] = "text",
     concepts: Annotated[str | None, typer.Option(help="Comma-separated concepts (pursuit).")] = None,
     ablation: Annotated[str, typer.Option(help="zero, mean or resample (ablation).")] = "mean",
@@ -62,62 +62,28 @@ def build(
     max_context: Annotated[int | None, typer.Option(help="Longest haystack in tokens (retrieval).")] = None,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow a repo's own modeling code.")] = False,
     allow_pickle: Annotated[bool, typer.Option(help="Allow pickle checkpoints (.bin).")] = False,
+    replicas: Annotated[int, typer.Option(help="Ray actors (model copies) per model.")] = 1,
+    gpus_per_actor: Annotated[float | None, typer.Option(help="GPUs per actor: 0.5 packs, 2 spreads.")] = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Compute every head's metrics for a model and store them in the atlas.
+    """Compute every head's metrics for models and store them in the atlas (resumable).
 
-    Example: atlas build --model llama --families patterns
+    Example: atlas build --model llama --model gemma --families patterns,lens --corpus a.txt --corpus b.jsonl
     """
-    from workers.build import build as run_build
+    from cli.sweep import run_and_report
     from workers.families import FAMILIES
 
     names = list(FAMILIES) if families == "all" else [f.strip() for f in families.split(",") if f.strip()]
-    with BuildProgress() as progress:
-        report = run_build(model, names, db, device=device, address=address, executor=executor,
-                           options=_options(seed=seed, corpus=corpus, text_field=text_field,
-                                            concepts=concepts, ablation=ablation, method=method,
-                                            max_context=max_context),
-                           load_options={"trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle},
-                           progress=progress)
-    summary = {"db": str(db), "planned": report.planned, "skipped": report.skipped,
-               "completed": len(report.completed), "failed": report.failed, "rows": report.rows,
-               "tokens": report.tokens, "seconds": round(report.seconds, 2)}
-    if as_json:
-        emit_json(summary)
-    else:
-        stderr.print(f"{report.planned} units planned, {report.skipped} already done, "
-                     f"{len(report.completed)} built ({report.rows} rows), {len(report.failed)} failed -> {db}")
-        for run_id, error in report.failed.items():
-            stderr.print(f"[red]failed[/] {run_id}: {error.splitlines()[0]}")
-    if report.failed:
-        raise typer.Exit(1)
+    options = _options(seed=seed, corpus=corpus or None, text_field=text_field, concepts=concepts,
+                       ablation=ablation, method=method, max_context=max_context)
+    run_and_report(model, names, db, options, as_json, device=device, address=address, executor=executor,
+                   load_options={"trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle},
+                   replicas=replicas, gpus_per_actor=gpus_per_actor)
 
 
 def _options(**given: Any) -> dict[str, Any]:
     """Family options from the command line; each family's config() takes what it uses."""
     return {key: value for key, value in given.items() if value is not None}
-
-
-class BuildProgress:
-    """A rich progress bar on stderr, fed by the build driver's events."""
-
-    def __enter__(self) -> BuildProgress:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), console=stderr, transient=False)
-        self.bar.start()
-        self.task = self.bar.add_task("loading model", total=None)
-        return self
-
-    def __call__(self, event: str, payload: Any) -> None:
-        if event == "plan":
-            self.bar.update(self.task, total=payload["todo"], description="building units")
-        elif event == "unit":
-            self.bar.update(self.task, advance=1, description=f"done {payload.run_id}")
-
-    def __exit__(self, *exc: object) -> None:
-        self.bar.stop()
 
 
 @app.command()
@@ -267,3 +233,4 @@ from cli import compare as _compare  # noqa: E402,F401
 from cli import lens as _lens  # noqa: E402,F401
 from cli import pursuit as _pursuit  # noqa: E402,F401
 from cli import serve as _serve  # noqa: E402,F401
+from cli import sweep as _sweep  # noqa: E402,F401

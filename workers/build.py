@@ -2,43 +2,45 @@
 
 The driver is the atlas's only writer during a build. It holds a build lock for the whole build
 (a second build on the same atlas fails at once) but opens the DuckDB file only for short ingest
-transactions, so readers get in between.
+transactions, so readers get in between. Shards are a replayable log: a shard that was written but
+not ingested (the driver was killed) is ingested on the next run instead of being recomputed.
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from atlas.errors import Busy
+from atlas.status import lock_path, shard_root, write_status
 from atlas.store import Atlas
 from workers.families import get_family
 from workers.models import ModelSource, pick_device, resolve
 from workers.plan import Unit, plan
-from workers.unit import UnitResult
+from workers.unit import UnitResult, code_version
 
-
-def shard_root(db: Path) -> Path:
-    return db.with_name(db.stem + "_shards")
+__all__ = ["BuildReport", "build", "build_lock", "shard_root"]
 
 
 @contextmanager
 def build_lock(db: Path) -> Iterator[None]:
-    lock_path = db.with_name(db.name + ".build.lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with lock_path.open("a+") as handle:
+    path = lock_path(db)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "another process"
             raise Busy(f"another build ({holder}) is running on {db}",
-                       "wait for it to finish, or build into another --db") from None
+                       "wait for it to finish (see `atlas status`), or build into another --db") from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()}")
@@ -54,6 +56,7 @@ def build_lock(db: Path) -> Iterator[None]:
 class BuildReport:
     planned: int = 0
     skipped: int = 0
+    replayed: int = 0  # shards written by an earlier, interrupted driver and ingested now
     completed: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     rows: int = 0
@@ -61,7 +64,8 @@ class BuildReport:
     tokens: int = 0
 
 
-Progress = Callable[[str, Any], None]  # (event, payload): "plan" n, "skip" n, "unit" UnitResult
+Progress = Callable[[str, Any], None]  # (event, payload): "plan" dict, "unit" UnitResult
+Writer = Callable[[], AbstractContextManager[Atlas]]
 
 
 def completed_runs(db: Path, units: list[Unit]) -> set[str]:
@@ -71,12 +75,31 @@ def completed_runs(db: Path, units: list[Unit]) -> set[str]:
         return atlas.completed_runs([u.run_id for u in units])
 
 
+def plan_build(models: list[str], families: list[str], options: dict[str, Any], device: str,
+               address: str | None, sources: list[ModelSource] | None = None) -> list[Unit]:
+    """Resolve models and plan every unit; raises on bad input before anything is written."""
+    for name in families:
+        get_family(name)
+    sources = sources or [resolve(m) for m in models]
+    resolved = device if (device != "auto" or address) else pick_device(device)
+    dtype = {"cuda": "bfloat16", "cpu": "float32"}.get(resolved, "auto")
+    corpora = options.get("corpus")
+    corpora = corpora if isinstance(corpora, list | tuple) else [corpora]
+    units: dict[str, Unit] = {}
+    for corpus in corpora or [None]:  # families that read no corpus plan the same unit each time
+        given = {k: v for k, v in options.items() if k != "corpus"}
+        if corpus is not None:
+            given["corpus"] = corpus
+        for unit in plan(sources, families, given, dtype):
+            units.setdefault(unit.run_id, unit)
+    return list(units.values())
+
+
 def build(models: list[str], families: list[str], db: str | Path, *, device: str = "auto",
           address: str | None = None, executor: str = "ray", options: dict[str, Any] | None = None,
           load_options: dict[str, Any] | None = None, progress: Progress | None = None,
-          sources: list[ModelSource] | None = None,
-          open_writer: Callable[[], AbstractContextManager[Atlas]] | None = None,
-          take_lock: bool = True) -> BuildReport:
+          sources: list[ModelSource] | None = None, open_writer: Writer | None = None,
+          take_lock: bool = True, replicas: int = 1, gpus_per_actor: float | None = None) -> BuildReport:
     """Build (or resume) an atlas. Bad input raises before anything is written.
 
     A process that already is the atlas's single writer (`atlas serve`) passes `open_writer`
@@ -85,12 +108,7 @@ def build(models: list[str], families: list[str], db: str | Path, *, device: str
     db = Path(db)
     writer = open_writer or (lambda: Atlas.writer(db))
     notify = progress or (lambda event, payload: None)
-    for name in families:
-        get_family(name)
-    sources = sources or [resolve(m) for m in models]
-    resolved = device if (device != "auto" or address) else pick_device(device)
-    dtype = {"cuda": "bfloat16", "cpu": "float32"}.get(resolved, "auto")
-    units = plan(sources, families, options or {}, dtype)
+    units = plan_build(models, families, options or {}, device, address, sources)
     report = BuildReport(planned=len(units))
     with build_lock(db) if take_lock else nullcontext():
         if open_writer is None:
@@ -100,39 +118,92 @@ def build(models: list[str], families: list[str], db: str | Path, *, device: str
                 done = atlas.completed_runs([u.run_id for u in units])
         todo = [u for u in units if u.run_id not in done]
         report.skipped = len(units) - len(todo)
-        notify("plan", {"planned": len(units), "todo": len(todo)})
+        root = shard_root(db)
+        status = _Status(db, units, done)
+        todo = _replay_orphans(todo, root, writer, report, status, notify)
+        notify("plan", {"planned": len(units), "todo": len(todo), "skipped": report.skipped})
         if not todo:
             return report
-        runner = _executor(executor, address, device, load_options or {})
-        root = shard_root(db)
         root.mkdir(parents=True, exist_ok=True)
+        runner = _executor(executor, address, device, load_options or {}, replicas, gpus_per_actor)
         try:
+            status.mark([u.run_id for u in todo], "running")
+            by_id = {u.run_id: u for u in todo}
             for result in runner.run(todo, root):
-                _ingest(writer, result, report)
+                _ingest(writer, by_id[result.run_id], result, report)
+                status.mark([result.run_id], "complete" if result.ok else "failed", result.error)
                 notify("unit", result)
         finally:
             runner.close()
     return report
 
 
-def _ingest(writer: Callable[[], AbstractContextManager[Atlas]], result: UnitResult,
-            report: BuildReport) -> None:
+class _Status:
+    """The status file `atlas status` reads; rewritten atomically as units move."""
+
+    def __init__(self, db: Path, units: list[Unit], done: set[str]) -> None:
+        self.db = db
+        self.started = datetime.now(UTC).isoformat()
+        self.units = {u.run_id: {"run_id": u.run_id, "model": u.source.alias or u.source.key,
+                                 "family": u.family, "probe_set": u.probe_set,
+                                 "state": "complete" if u.run_id in done else "pending", "error": None}
+                      for u in units}
+        self.flush()
+
+    def mark(self, run_ids: list[str], state: str, error: str | None = None) -> None:
+        for run_id in run_ids:
+            self.units[run_id].update(state=state, error=error)
+        self.flush()
+
+    def flush(self) -> None:
+        write_status(self.db, {"pid": os.getpid(), "started_at": self.started,
+                               "units": list(self.units.values())})
+
+
+def _replay_orphans(todo: list[Unit], root: Path, writer: Writer, report: BuildReport, status: _Status,
+                    notify: Progress) -> list[Unit]:
+    left = []
+    for unit in todo:
+        manifest = root / unit.run_id / "run.json"
+        if manifest.exists() and json.loads(manifest.read_text())["run"]["status"] == "complete":
+            with writer() as atlas:
+                report.rows += atlas.ingest(manifest.parent)
+            report.replayed += 1
+            report.completed.append(unit.run_id)
+            status.mark([unit.run_id], "complete")
+        else:
+            left.append(unit)
+    return left
+
+
+def _ingest(writer: Writer, unit: Unit, result: UnitResult, report: BuildReport) -> None:
     with writer() as atlas:
         if result.ok:
             report.rows += atlas.ingest(result.shard)
             report.completed.append(result.run_id)
             report.seconds += result.seconds
             report.tokens += result.tokens
-        else:
-            atlas.record_failure(result.run, result.model)
-            report.failed[result.run_id] = result.error or "unknown error"
+            return
+        run = result.run or _failed_run(unit, result.error)
+        atlas.record_failure(run, result.model)
+        report.failed[result.run_id] = result.error or "unknown error"
 
 
-def _executor(kind: str, address: str | None, device: str, load_options: dict[str, Any]) -> Any:
+def _failed_run(unit: Unit, error: str | None) -> dict[str, Any]:
+    """A run row for a unit whose worker died before it could report."""
+    now = datetime.now(UTC).isoformat()
+    return {"run_id": unit.run_id, "model_key": unit.source.key, "family": unit.family,
+            "family_version": unit.family_version, "probe_set": unit.probe_set, "config": unit.config,
+            "config_hash": unit.config_hash, "code_version": code_version(), "status": "failed",
+            "error": error, "started_at": now, "finished_at": now, "seconds": 0.0, "tokens": 0}
+
+
+def _executor(kind: str, address: str | None, device: str, load_options: dict[str, Any], replicas: int,
+              gpus_per_actor: float | None) -> Any:
     if kind == "local":
         from workers.executors import InProcessExecutor
 
         return InProcessExecutor(device, load_options)
     from workers.ray_executor import RayExecutor
 
-    return RayExecutor(address, device, load_options)
+    return RayExecutor(address, device, load_options, replicas=replicas, gpus_per_actor=gpus_per_actor)

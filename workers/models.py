@@ -316,7 +316,9 @@ def _dequantized_dir(source: ModelSource) -> Path:
 
 
 def load(source: ModelSource, device: str = "auto", *, trust_remote_code: bool = False,
-         allow_pickle: bool = False) -> LoadedModel:
+         allow_pickle: bool = False, device_map: str | None = None) -> LoadedModel:
+    """Load for measurement: float32 on CPU, bf16 on GPU, eval mode; `device_map="auto"` spreads a
+    model that does not fit one GPU over the GPUs its Ray actor holds."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -329,12 +331,14 @@ def load(source: ModelSource, device: str = "auto", *, trust_remote_code: bool =
     try:
         model = AutoModelForCausalLM.from_pretrained(
             directory, dtype=dtype, trust_remote_code=trust_remote_code,
-            use_safetensors=source.format != "pickle")
+            use_safetensors=source.format != "pickle", device_map=device_map)
     except Exception as exc:  # unknown config, corrupt or missing weights (SafetensorError, OSError, ...)
         raise BadInput(f"{source.spec} could not be loaded as a causal LM: {type(exc).__name__}: {exc}",
                        "check that the directory holds a complete causal language model") from exc
     tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
-    model.to(device).eval()
+    if device_map is None:
+        model.to(device)
+    model.eval()
     spec = adapter_for(type(model).__name__)
     if spec is None:
         raise BadInput(f"{source.spec} loaded as {type(model).__name__}, which has no adapter",

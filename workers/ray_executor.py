@@ -1,12 +1,15 @@
-"""The Ray layer: one long-lived actor per model copy; units stream through it.
+"""The Ray layer: long-lived actors, one per model copy; units stream through them.
 
-The actor loads weights once. GPUs are Ray resources taken from detection (0 on a machine
-without one, so nothing waits forever for a GPU that is not there).
+An actor loads its weights once, in its constructor, so that Ray can restart it (a killed worker
+process) and retry the unit it was running on the new process. GPUs are Ray resources taken from
+detection (0 on a machine without one, so nothing waits forever for a GPU that is not there):
+a fraction of a GPU packs small models, more than one spreads a model with `device_map="auto"`.
 """
 
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,19 +21,29 @@ from workers.models import ModelSource, load
 from workers.plan import Unit
 from workers.unit import UnitResult, run_unit
 
-PASS_ENV = ("HF_HUB_OFFLINE", "HF_HOME", "HEAD_ATLAS_CACHE", "TRANSFORMERS_OFFLINE")
+PASS_ENV = ("HF_HUB_OFFLINE", "HF_HOME", "HEAD_ATLAS_CACHE", "TRANSFORMERS_OFFLINE", "HEAD_ATLAS_FAMILIES",
+            "PYTHONPATH")
+MAX_RESTARTS = 3  # a killed actor comes back this many times; its running unit is retried on it
 
 
 class ModelActor:
-    def __init__(self, threads: int) -> None:
+    def __init__(self, source: ModelSource, device: str, options: dict[str, Any], threads: int) -> None:
         import torch
 
-        torch.set_num_threads(threads)  # Ray sets OMP threads to the actor's CPUs; be explicit
-        self.lm = None
+        torch.set_num_threads(threads)  # Ray pins OMP threads to the actor's CPUs; be explicit
+        self.error: Exception | None = None
+        try:
+            self.lm = load(source, device, **options)
+        except Exception as exc:  # kept and raised from ready(), so the driver sees a clear error
+            self.lm, self.error = None, exc
 
-    def load(self, source: ModelSource, device: str, options: dict[str, Any]) -> dict[str, Any]:
-        self.lm = load(source, device, **options)
+    def ready(self) -> dict[str, Any]:
+        if self.error is not None:
+            raise self.error
         return self.lm.models_row()
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def run_unit(self, unit: Unit, shard_root: str) -> UnitResult:
         return run_unit(self.lm, unit, shard_root)
@@ -41,45 +54,79 @@ def _unwrap(exc: Exception) -> Exception:
     return cause if isinstance(cause, AtlasError) else exc
 
 
+def ensure_ray(address: str | None) -> None:
+    if ray.is_initialized():
+        return
+    env = {k: os.environ[k] for k in PASS_ENV if k in os.environ}
+    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
+                              "runtime_env": {"env_vars": env}}
+    if address:
+        kwargs["address"] = address
+    else:
+        kwargs.update(num_cpus=os.cpu_count() or 1, object_store_memory=200 * 2**20)
+    ray.init(**kwargs)
+
+
 class RayExecutor:
     def __init__(self, address: str | None = None, device: str = "auto",
-                 load_options: dict[str, Any] | None = None, cpus_per_actor: int | None = None) -> None:
-        if not ray.is_initialized():
-            env = {k: os.environ[k] for k in PASS_ENV if k in os.environ}
-            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
-                                      "runtime_env": {"env_vars": env}}
-            if address:
-                kwargs["address"] = address
-            else:
-                kwargs.update(num_cpus=os.cpu_count() or 1, object_store_memory=200 * 2**20)
-            ray.init(**kwargs)
-        self.load_options = load_options or {}
+                 load_options: dict[str, Any] | None = None, replicas: int = 1,
+                 gpus_per_actor: float | None = None, cpus_per_actor: int | None = None) -> None:
+        ensure_ray(address)
+        self.load_options = dict(load_options or {})
         gpus = ray.cluster_resources().get("GPU", 0)
         self.device = ("cuda" if gpus else "cpu") if device == "auto" else device
-        self.num_gpus = 1 if self.device == "cuda" else 0
-        self.cpus = cpus_per_actor or max(1, int(ray.cluster_resources().get("CPU", 1)))
-        self.actors: dict[str, Any] = {}
+        self.num_gpus = (gpus_per_actor if gpus_per_actor is not None else 1) if self.device == "cuda" else 0
+        if self.num_gpus > 1:
+            self.load_options["device_map"] = "auto"
+        self.replicas = max(1, replicas)
+        self.cpus_per_actor = cpus_per_actor
+        self.actors: list[Any] = []
 
-    def _actor(self, source: ModelSource) -> Any:
-        if source.key not in self.actors:
-            actor_cls = ray.remote(num_cpus=self.cpus, num_gpus=self.num_gpus)(ModelActor)
-            actor = actor_cls.remote(self.cpus)
-            try:
-                ray.get(actor.load.remote(source, self.device, self.load_options))
-            except ray.exceptions.RayError as exc:
-                raise _unwrap(exc) from None
-            self.actors[source.key] = actor
-        return self.actors[source.key]
+    def _spawn(self, source: ModelSource, cpus: int) -> Any:
+        actor_cls = ray.remote(ModelActor).options(num_cpus=cpus, num_gpus=self.num_gpus,
+                                                   max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS)
+        actor = actor_cls.remote(source, self.device, self.load_options, cpus)
+        try:
+            ray.get(actor.ready.remote())
+        except ray.exceptions.RayError as exc:
+            ray.kill(actor)
+            raise _unwrap(exc) from None
+        self.actors.append(actor)
+        return actor
 
     def run(self, units: list[Unit], shard_root: Path) -> Iterator[UnitResult]:
-        pending = {self._actor(u.source).run_unit.remote(u, str(shard_root)): u for u in units}
+        queues: dict[str, deque[Unit]] = {}
+        sources: dict[str, ModelSource] = {}
+        for unit in units:
+            queues.setdefault(unit.source.key, deque()).append(unit)
+            sources[unit.source.key] = unit.source
+        n_actors = sum(min(self.replicas, len(q)) for q in queues.values())
+        cpus = self.cpus_per_actor or max(1, int(ray.cluster_resources().get("CPU", 1)) // n_actors)
+        pending: dict[Any, tuple[Any, Unit]] = {}
+
+        def dispatch(actor: Any, key: str) -> None:
+            if queues[key]:
+                unit = queues[key].popleft()
+                pending[actor.run_unit.remote(unit, str(shard_root))] = (actor, unit)
+
+        for key, queue in queues.items():
+            for _ in range(min(self.replicas, len(queue))):
+                dispatch(self._spawn(sources[key], cpus), key)
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
-            for ref in done:
-                pending.pop(ref)
-                yield ray.get(ref)
+            actor, unit = pending.pop(done[0])
+            try:
+                result = ray.get(done[0])
+            except ray.exceptions.RayActorError as exc:  # died more often than it may restart
+                result = UnitResult(unit.run_id, False, error=f"worker died: {exc}")
+                actor = self._spawn(unit.source, cpus)
+            yield result
+            dispatch(actor, unit.source.key)
+
+    def actor_pids(self) -> list[int]:
+        return ray.get([a.pid.remote() for a in self.actors])
 
     def close(self) -> None:
-        for actor in self.actors.values():
+        for actor in self.actors:
             ray.kill(actor)
         self.actors.clear()

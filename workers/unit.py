@@ -45,18 +45,39 @@ def run_row(unit: Unit, lm: LoadedModel, status: str, started: datetime, seconds
             "started_at": started.isoformat(), "finished_at": datetime.now(UTC).isoformat()}
 
 
-def run_unit(lm: LoadedModel, unit: Unit, shard_root: str | Path) -> UnitResult:
+def _free_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_unit(lm: LoadedModel, unit: Unit, shard_root: str | Path, max_attempts: int = 3) -> UnitResult:
+    """Run a unit; on an exception (out of memory, say) retry with half the batch, up to max_attempts."""
     started, t0 = datetime.now(UTC), time.perf_counter()
-    try:
-        result = get_family(unit.family).run(lm, unit.config)
-    except Exception as exc:  # a unit failure is data for `atlas status`, not a crash
+    errors = []
+    for attempt in range(max_attempts):
+        divisor = 2**attempt
+        try:
+            result = get_family(unit.family).run(lm, {**unit.config, "_batch_divisor": divisor})
+            break
+        except Exception as exc:  # a unit failure is data for `atlas status`, not a crash
+            errors.append(f"attempt {attempt + 1} (batch / {divisor}): {type(exc).__name__}: {exc}")
+            last_trace = traceback.format_exc(limit=5)
+            _free_memory()
+    else:
         seconds = time.perf_counter() - t0
-        error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=5)}"
+        error = "\n".join(errors) + "\n" + last_trace
         run = run_row(unit, lm, "failed", started, seconds, 0, unit.config, error)
         return UnitResult(unit.run_id, False, run=run, model=lm.models_row(), error=error,
                           seconds=seconds)
     seconds = time.perf_counter() - t0
-    config = {**unit.config, **result.extra_config}
+    config = {**unit.config, **result.extra_config, "attempts": len(errors) + 1, "batch_divisor": divisor}
+    if errors:
+        config["retried_after"] = errors
     run = run_row(unit, lm, "complete", started, seconds, result.tokens, config)
     key = {"run_id": unit.run_id, "model_key": unit.source.key}
     tables = {name: [{**key, **row} if name != "concepts" else row for row in rows]

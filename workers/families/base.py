@@ -35,6 +35,11 @@ class Family(Protocol):
         ...
 
 
+def scaled_batch(config: dict[str, Any], size: int) -> int:
+    """The batch size to use now: halved on each retry of a unit that failed (e.g. out of memory)."""
+    return max(1, size // int(config.get("_batch_divisor", 1)))
+
+
 def head_metric_rows(metric: str, values: Any, stderrs: Any | None, n: int) -> list[dict[str, Any]]:
     """Rows for head_metrics from (n_layers, n_heads) arrays; run_id/model_key are added later."""
     rows = []

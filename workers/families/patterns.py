@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from workers.families.base import FamilyResult, head_metric_rows
+from workers.families.base import FamilyResult, head_metric_rows, scaled_batch
 from workers.models import LoadedModel
 from workers.probes import bos_id, repeated_tokens
 
@@ -86,17 +86,23 @@ class PatternsFamily:
         n_vocab = lm.adapter.unembed.weight.shape[0]
         tokens = repeated_tokens(lm.tokenizer, n_vocab, n=n, batch=batch, seed=config["seed"])
         targets = detector_patterns(tokens)
+        step = scaled_batch(config, batch)
+        chunks = []  # per minibatch: per layer {metric: (minibatch, heads)}
         previous = lm.model.config._attn_implementation
         lm.model.set_attn_implementation("eager")  # the only path that returns attention weights
         try:
-            with torch.inference_mode():
-                out = lm.model(tokens.to(lm.device), output_attentions=True)
+            for start in range(0, batch, step):
+                part = tokens[start:start + step]
+                with torch.inference_mode():
+                    out = lm.model(part.to(lm.device), output_attentions=True)
+                chunks.append([pattern_scores(a.cpu(), part, n, {k: v[start:start + step] for k, v in
+                                                                  targets.items()}) for a in out.attentions])
         finally:
             lm.model.set_attn_implementation(previous)
-        per_layer = [pattern_scores(a.cpu(), tokens, n, targets) for a in out.attentions]
         rows = []
         for metric in METRICS:
-            stacked = torch.stack([scores[metric] for scores in per_layer])  # (layers, batch, heads)
+            stacked = torch.cat([torch.stack([layer[metric] for layer in chunk]) for chunk in chunks],
+                                dim=1)  # (layers, batch, heads)
             mean = stacked.mean(1)
             stderr = stacked.std(1) / batch**0.5 if batch > 1 else None
             rows += head_metric_rows(f"patterns.{metric}", mean, stderr, batch)
