@@ -226,23 +226,15 @@ class AtlasService:
             timer = threading.Timer(timeout_s, atlas.con.interrupt)
             timer.start()
             try:
-                reader = atlas.con.sql(sql).to_arrow_reader(batch_size=min(max_rows + 1, 100_000))
-                batches, n = [], 0
-                for batch in reader:
-                    batches.append(batch)
-                    n += batch.num_rows
-                    if n > max_rows:
-                        raise TooLarge(f"the result has more than {max_rows} rows (the server's limit)",
-                                       "add a LIMIT, aggregate, or page with LIMIT/OFFSET")
-                table = pa.Table.from_batches(batches, schema=reader.schema)
+                table = _fetch(atlas.con, sql, max_rows)
             except duckdb.InterruptException as exc:
                 raise TimedOut(f"the query ran past the time limit of {timeout_s:g}s and was stopped",
                                "narrow it (WHERE, LIMIT) or aggregate first") from exc
             except duckdb.Error as exc:
                 if "interrupt" in str(exc).lower():
                     raise TimedOut(f"the query ran past the time limit of {timeout_s:g}s and was stopped",
-                                   "narrow it (WHERE, LIMIT) or aggregate first") from exc
-                raise BadInput(f"the query failed: {exc}", "GET /api/schema lists tables and columns") from exc
+                                   "narrow it (WHERE, LIMIT) or aggregate first") from None
+                raise BadInput(f"the query failed: {exc}", "GET /api/schema lists tables and columns") from None
             finally:
                 timer.cancel()
         return {"columns": table.column_names, "rows": table.to_pylist()}
@@ -280,6 +272,22 @@ class AtlasService:
         if build_id not in self.builds:
             raise NotFound(f"no build '{build_id}' on this server", "GET /api/builds lists them")
         return self.builds[build_id]
+
+
+def _fetch(con: duckdb.DuckDBPyConnection, sql: str, max_rows: int) -> pa.Table:
+    """Stream at most max_rows + 1 rows; the stream is always closed (an open one pins the database)."""
+    reader = con.sql(sql).to_arrow_reader(batch_size=min(max_rows + 1, 100_000))
+    try:
+        batches, n = [], 0
+        for batch in reader:
+            batches.append(batch)
+            n += batch.num_rows
+            if n > max_rows:
+                raise TooLarge(f"the result has more than {max_rows} rows (the server's limit)",
+                               "add a LIMIT, aggregate, or page with LIMIT/OFFSET")
+        return pa.Table.from_batches(batches, schema=reader.schema)
+    finally:
+        reader.close()
 
 
 def _clean(value: Any) -> Any:
@@ -345,6 +353,14 @@ def create_app(service: AtlasService) -> FastAPI:
     def card(model: str, layer: int, head: int) -> dict[str, Any]:
         with service.reader() as atlas:
             return _clean(head_card(atlas, model, layer, head))
+
+    @app.get("/api/schema", tags=["read"], summary="Tables and views with their columns, for SQL")
+    def schema() -> dict[str, list[str]]:
+        with service.reader() as atlas:
+            found = atlas.con.execute(
+                "SELECT table_name, list(column_name ORDER BY column_index) FROM duckdb_columns() "
+                "WHERE database_name = current_database() AND NOT internal GROUP BY 1 ORDER BY 1").fetchall()
+        return dict(found)
 
     @app.post("/api/sql", tags=["read"], summary="One read-only SQL statement, time- and row-limited")
     def sql(body: SqlRequest) -> dict[str, Any]:
