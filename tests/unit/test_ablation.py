@@ -1,0 +1,115 @@
+"""Exact ablation on a tiny random Llama: the fast path equals one plain forward per head."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from atlas.errors import BadInput
+from workers.ablation_exact import MODES, clean_run, counterpart_z, exact_effects, naive_effects, replacements
+from workers.families.ablation import AblationFamily, spearman, top_overlap
+
+SMALL = {"ablation_window": 16, "ablation_windows": 3, "ablation_induction_n": 8,
+         "ablation_induction_batch": 3, "ablation_ioi_prompts": 6, "concept_prompts": 1}
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """SMALL plus a short text corpus (the embedded one takes seconds to read)."""
+    path = tmp_path_factory.mktemp("corpus") / "words.txt"
+    path.write_text("\n\n".join(" ".join(f"w{(7 * i + j) % 90}" for j in range(40)) for i in range(6)))
+    return {**SMALL, "corpus": str(path)}
+
+
+@pytest.fixture(scope="module")
+def probes(tiny_lm, small):
+    family = AblationFamily()
+    found, _ = family.probes(tiny_lm, family.config(small))
+    return found
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fast_path_equals_one_full_forward_per_head(tiny_lm, probes, mode):
+    a = tiny_lm.adapter
+    every_head = [(layer, head) for layer in range(a.n_layers) for head in range(a.n_heads)]
+    for probe in probes:
+        cache = clean_run(tiny_lm, probe)
+        counter = counterpart_z(tiny_lm, probe) if mode == "resample" and probe.counterpart is not None else None
+        reps = replacements(mode, probe, cache.z, counter)
+        fast = exact_effects(tiny_lm, probe, cache, reps, heads_per_pass=3)  # 4 heads: chunks of 3 and 1
+        slow = naive_effects(tiny_lm, probe, cache, reps, every_head)
+        for name in fast:
+            assert not fast[name].isnan().any()
+            torch.testing.assert_close(fast[name], slow[name], rtol=1e-4, atol=1e-5)
+            if any(bool((r != z).any()) for r, z in zip(reps, cache.z, strict=True)):
+                assert fast[name].abs().max() > 1e-4, f"{mode} ablation changed nothing on {name}"
+
+
+def test_resumed_forward_skips_earlier_blocks(tiny_lm, probes):
+    a = tiny_lm.adapter
+    probe = probes[0]
+    cache = clean_run(tiny_lm, probe)
+    calls = [0] * a.n_layers
+    handles = [block.register_forward_hook(lambda m, i, o, _l=layer: calls.__setitem__(_l, calls[_l] + 1))
+               for layer, block in enumerate(a.blocks)]
+    try:
+        last = a.n_layers - 1
+        exact_effects(tiny_lm, probe, cache, replacements("zero", probe, cache.z), layers=[last])
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert calls[:last] == [0] * last and calls[last] == 1  # one stacked forward for all heads
+    assert all(isinstance(block, type(a.blocks[last])) for block in a.blocks)  # blocks restored
+
+
+def test_replacements_by_mode(tiny_lm, probes):
+    probe = probes[1]  # BOS + X + X, every token real
+    z = clean_run(tiny_lm, probe).z
+    mean = replacements("mean", probe, z)[1]
+    torch.testing.assert_close(mean[0, 1:], z[1][:, 1:].mean((0, 1)).expand_as(mean[0, 1:]))
+    torch.testing.assert_close(mean[:, 0], z[1][:, 0])  # position 0 keeps its clean value
+    assert replacements("zero", probe, z)[1].abs().max() == 0
+    torch.testing.assert_close(replacements("resample", probe, z)[1][1], z[1][0])
+    with pytest.raises(ValueError):
+        replacements("bogus", probe, z)
+
+
+def test_config_rejects_bad_options_and_records_choices(small):
+    family = AblationFamily()
+    with pytest.raises(BadInput):
+        family.config({**small, "ablation": "half"})
+    with pytest.raises(BadInput):
+        family.config({**small, "method": "guess"})
+    config = family.config({"corpus": small["corpus"]})
+    assert config["ablation"] == "mean" and config["method"] == "both"
+    assert config["corpus_id"].startswith("words:")
+    assert family.config({**small, "ablation": "zero"}) != family.config(small)  # mode -> new run id
+
+
+def test_agreement_helpers():
+    x = torch.arange(20.0)
+    assert spearman(x, x * 3 + 1) == pytest.approx(1.0)
+    assert spearman(x, -x) == pytest.approx(-1.0)
+    assert top_overlap(x, x) == 10
+    assert top_overlap(x, x.flip(0)) == 0
+
+
+def test_build_stores_effects_estimates_and_agreement(tiny_dir, tmp_path, small):
+    from atlas.queries import rank_heads
+    from atlas.store import Atlas
+    from workers.build import build
+
+    db = tmp_path / "a.duckdb"
+    report = build([str(tiny_dir)], ["ablation"], db, device="cpu", executor="local",
+                   options={**small, "ablation": "mean", "method": "both"})
+    assert not report.failed, report.failed
+    with Atlas(db, read_only=True) as atlas:
+        top = rank_heads(atlas, "ablation.loss", top=5).to_pylist()
+        assert len(top) == 5 and top[0]["value"] >= top[-1]["value"]
+        metrics = {r["metric"] for r in atlas.query("SELECT DISTINCT metric FROM head_metrics").to_pylist()}
+        for name in ("loss", "induction_loss", "ioi_logit_diff"):
+            assert {f"ablation.{name}", f"ablation.atp.{name}", f"ablation.atp_qk.{name}"} <= metrics
+        agreement = atlas.query("SELECT metric, value FROM run_metrics").to_pylist()
+        names = {r["metric"] for r in agreement}
+        assert "ablation.agreement.spearman.loss" in names and "ablation.agreement.top10.ioi_logit_diff" in names
+        assert all(-1 <= r["value"] <= 10 for r in agreement)

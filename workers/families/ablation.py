@@ -1,0 +1,246 @@
+"""Ablation: the causal effect of removing each head, exact and by attribution patching.
+
+Per head, `ablation.<metric>` = metric(head ablated) - metric(clean), the mean over the probe
+set's sequences (stderr over sequences); the head's z (o_proj input) is replaced by zero, its mean,
+or its value on a counterpart sequence (`--ablation`, see workers/ablation_exact.py). Metrics:
+
+- `loss`: next-token cross-entropy (nats) on windows of the corpus. Effect > 0: the head helps
+  predict text. Unbounded; typical effects are 1e-3 .. 1e-1 nats.
+- `induction_loss`: cross-entropy on the repeated half of BOS + X + X (random X, Olsson et al.
+  2022). Effect > 0: the head serves in-context copying (induction and previous-token heads).
+- `ioi_logit_diff`: logit(IO) - logit(S) on the built-in IOI prompts (workers/ioi.py; Wang et al.,
+  arXiv 2211.00593). Effect < 0: the head helps pick the indirect object (name movers); > 0:
+  it works against it (negative name movers). Backup heads can hide a head's effect.
+- `concept.<name>`: probability mass of a concept's single-token words after the concept's own
+  prompts (workers/concepts.py, Head Pursuit arXiv 2510.21518). Effect < 0: the head promotes it.
+
+`ablation.atp.<metric>` is the AtP estimate of the same effect, `ablation.atp_qk.<metric>` the
+AtP* QK-fixed estimate of patching the head's attention pattern only (see workers/atp.py). With
+method both, run_metrics holds per metric the Spearman correlation of AtP with exact effects over
+all heads (`ablation.agreement.spearman.<metric>`) and the overlap of their top-10 heads by
+|effect| (`ablation.agreement.top10.<metric>`, 0..10).
+
+Failure cases: zero ablation takes activations off-distribution (IOI calls it noisy); mean effects
+on a few short windows are noisy for small heads (see the stderr); AtP misses saturated and
+cancelling effects (false negatives), so confirm its top heads with the exact path.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from atlas.errors import BadInput
+from workers.ablation_exact import MODES, Probe, clean_run, counterpart_z, exact_effects, replacements
+from workers.families.base import FamilyResult, head_metric_rows
+from workers.models import LoadedModel
+from workers.probes import bos_id, repeated_tokens
+
+METHODS = ("exact", "atp", "both")
+
+
+# -- probe sets ----------------------------------------------------------------------------------
+def corpus_probe(lm: LoadedModel, config: dict[str, Any]) -> Probe:
+    from workers.corpora import load_corpus, token_windows
+
+    corpus = load_corpus(config["corpus"], config["text_field"])
+    tokens = token_windows(corpus, lm.tokenizer, config["window"], config["windows"], bos_id(lm.tokenizer))
+
+    def metrics(logits: torch.Tensor) -> dict[str, torch.Tensor]:  # (B, T-1, V)
+        target = tokens[:, 1:].to(logits.device)
+        ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")
+        return {"loss": ce.view(target.shape).mean(1)}
+
+    t = tokens.shape[1]
+    return Probe("corpus", tokens, torch.arange(t - 1), metrics, torch.ones_like(tokens, dtype=torch.bool))
+
+
+def induction_probe(lm: LoadedModel, config: dict[str, Any]) -> Probe:
+    n = config["induction_n"]
+    tokens = repeated_tokens(lm.tokenizer, lm.adapter.unembed.weight.shape[0], n=n,
+                             batch=config["induction_batch"], seed=config["seed"])
+
+    def metrics(logits: torch.Tensor) -> dict[str, torch.Tensor]:  # (B, n-1, V) at n+1 .. 2n-1
+        target = tokens[:, n + 2: 2 * n + 1].to(logits.device)
+        ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")
+        return {"induction_loss": ce.view(target.shape).mean(1)}
+
+    return Probe("induction", tokens, torch.arange(n + 1, 2 * n), metrics,
+                 torch.ones_like(tokens, dtype=torch.bool))
+
+
+def _last_token_probe(name: str, tokens: torch.Tensor, last: torch.Tensor, valid: torch.Tensor,
+                      per_row: Any, counterpart: torch.Tensor | None = None) -> Probe:
+    """Right-padded prompts whose metrics read each prompt's last real position."""
+    positions = torch.unique(last)
+    where = torch.searchsorted(positions, last)  # (N,) column of each prompt's last position
+
+    def metrics(logits: torch.Tensor) -> dict[str, torch.Tensor]:  # (N, P, V)
+        rows = torch.arange(len(last), device=logits.device)
+        return per_row(logits[rows, where.to(logits.device)])  # (N, V) -> {name: (n_i,)}
+
+    return Probe(name, tokens, positions, metrics, valid, counterpart)
+
+
+def ioi_probe(lm: LoadedModel, config: dict[str, Any]) -> tuple[Probe, dict[str, Any]]:
+    from workers.ioi import ioi_prompts, logit_diff
+
+    s = ioi_prompts(lm.tokenizer, lm.adapter.unembed.weight.shape[0], config["ioi_prompts"], config["seed"])
+    probe = _last_token_probe("ioi", s.tokens, s.last, s.valid,
+                              lambda lg: {"ioi_logit_diff": logit_diff(lg, s.io.to(lg.device),
+                                                                       s.s.to(lg.device))},
+                              s.corrupted)
+    return probe, s.provenance
+
+
+def concept_probe(lm: LoadedModel, config: dict[str, Any]) -> tuple[Probe | None, dict[str, Any]]:
+    from workers.concepts import concept_mass, load_concepts, tokenize_concept
+
+    bos = bos_id(lm.tokenizer)
+    n_vocab = lm.adapter.unembed.weight.shape[0]
+    rows, owner, ids, info = [], [], {}, {}
+    for concept in load_concepts(config["concepts"]):
+        toks = tokenize_concept(concept, lm.tokenizer, n_vocab)
+        info[concept.name] = toks.summary()
+        if not toks.ids:
+            continue
+        ids[concept.name] = torch.tensor(toks.ids)
+        for prompt in concept.prompts[: config["concept_prompts"]]:
+            rows.append([bos, *lm.tokenizer.encode(prompt, add_special_tokens=False)])
+            owner.append(concept.name)
+    if not rows:  # no concept has a single-token word in this tokenizer
+        return None, info
+    width = max(len(r) for r in rows)
+    tokens = torch.full((len(rows), width), bos, dtype=torch.long)
+    valid = torch.zeros_like(tokens, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        tokens[i, : len(r)], valid[i, : len(r)] = torch.tensor(r), True
+    groups = {name: torch.tensor([i for i, o in enumerate(owner) if o == name]) for name in ids}
+
+    def per_row(logits: torch.Tensor) -> dict[str, torch.Tensor]:  # (N, V)
+        return {f"concept.{name}": concept_mass(logits[groups[name].to(logits.device)], ids[name])
+                for name in ids}
+
+    return _last_token_probe("concepts", tokens, valid.sum(1) - 1, valid, per_row), info
+
+
+# -- agreement -----------------------------------------------------------------------------------
+def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Spearman rank correlation of two flat tensors (ties broken by order)."""
+    rx = x.flatten().double().argsort().argsort().double()
+    ry = y.flatten().double().argsort().argsort().double()
+    return float(torch.corrcoef(torch.stack([rx, ry]))[0, 1])
+
+
+def top_overlap(x: torch.Tensor, y: torch.Tensor, k: int = 10) -> int:
+    """Heads in both top-k lists by |effect|."""
+    tx = set(x.flatten().abs().topk(k).indices.tolist())
+    return len(tx & set(y.flatten().abs().topk(k).indices.tolist()))
+
+
+def _summary(per_seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """(L, H, B) per-sequence values -> mean, stderr (None for one sequence), n."""
+    n = per_seq.shape[-1]
+    stderr = per_seq.std(-1) / n**0.5 if n > 1 else None
+    return per_seq.mean(-1), stderr, n
+
+
+class AblationFamily:
+    name = "ablation"
+    version = 1
+    stores = ("head_metrics", "run_metrics")
+
+    def config(self, options: dict[str, Any]) -> dict[str, Any]:
+        from workers.corpora import load_corpus
+
+        mode = options.get("ablation") or "mean"
+        method = options.get("method") or "both"
+        if mode not in MODES:
+            raise BadInput(f"unknown ablation mode '{mode}'", f"use one of: {', '.join(MODES)}")
+        if method not in METHODS:
+            raise BadInput(f"unknown ablation method '{method}'", f"use one of: {', '.join(METHODS)}")
+        corpus = options.get("corpus")
+        text_field = options.get("text_field") or "text"
+        config = {
+            "ablation": mode, "method": method, "seed": int(options.get("seed") or 0),
+            "corpus": corpus, "text_field": text_field,
+            "corpus_id": load_corpus(corpus, text_field).corpus_id,
+            "window": int(options.get("ablation_window", 64)),
+            "windows": int(options.get("ablation_windows", 4)),
+            "induction_n": int(options.get("ablation_induction_n", 20)),
+            "induction_batch": int(options.get("ablation_induction_batch", 8)),
+            "ioi_prompts": int(options.get("ablation_ioi_prompts", 24)),
+            "concepts": options.get("concepts"), "concept_prompts": int(options.get("concept_prompts", 4)),
+            "node": "z (o_proj input), per head",
+            "mean": "over real tokens at positions >= 1; position 0 keeps its clean value",
+            "resample": "corpus/induction: the previous sequence of the batch; ioi: ABC counterpart",
+            "atp_qk": "AtP* QK fix; resample: counterpart q/k, zero/mean: q <- 0 (uniform attention)",
+        }
+        try:
+            import workers.concepts as concepts_mod
+
+            config["concept_hashes"] = {c.name: c.content_hash for c in concepts_mod.load_concepts(config["concepts"])}
+        except ImportError:  # no concepts module: the concept metrics are left out
+            config["concept_hashes"] = None
+        return config
+
+    def probe_set(self, config: dict[str, Any]) -> str:
+        return (f"{config['corpus_id']}:w={config['window']}x{config['windows']}"
+                f"+repeated:n={config['induction_n']}x{config['induction_batch']}"
+                f"+ioi:{config['ioi_prompts']}+concepts:seed={config['seed']}")
+
+    def probes(self, lm: LoadedModel, config: dict[str, Any]) -> tuple[list[Probe], dict[str, Any]]:
+        probes = [corpus_probe(lm, config), induction_probe(lm, config)]
+        ioi, ioi_info = ioi_probe(lm, config)
+        probes.append(ioi)
+        extra = {"ioi": ioi_info}
+        if config.get("concept_hashes"):
+            concepts, info = concept_probe(lm, config)
+            extra["concepts_tokenized"] = info
+            if concepts is not None:
+                probes.append(concepts)
+        return probes, extra
+
+    def run(self, lm: LoadedModel, config: dict[str, Any]) -> FamilyResult:
+        from workers.atp import atp_effects
+
+        mode, method = config["ablation"], config["method"]
+        probes, extra = self.probes(lm, config)
+        rows: list[dict[str, Any]] = []
+        run_rows: list[dict[str, Any]] = []
+        tokens = 0
+        seconds: dict[str, float] = {}
+        for probe in probes:
+            tokens += probe.tokens.numel()
+            exact: dict[str, torch.Tensor] = {}
+            if method in ("exact", "both"):
+                t0 = time.perf_counter()
+                cache = clean_run(lm, probe)
+                counter = counterpart_z(lm, probe) if mode == "resample" and probe.counterpart is not None else None
+                exact = exact_effects(lm, probe, cache, replacements(mode, probe, cache.z, counter))
+                seconds[f"exact.{probe.name}"] = time.perf_counter() - t0
+                for name, per_seq in exact.items():
+                    mean, stderr, n = _summary(per_seq)
+                    rows += head_metric_rows(f"ablation.{name}", mean, stderr, n)
+            if method in ("atp", "both"):
+                t0 = time.perf_counter()
+                est = atp_effects(lm, probe, lambda z, c, _p=probe: replacements(mode, _p, z, c), mode)
+                seconds[f"atp.{probe.name}"] = time.perf_counter() - t0
+                for name in est.z:
+                    for kind, values in (("atp", est.z[name]), ("atp_qk", est.qk[name])):
+                        mean, stderr, n = _summary(values)
+                        rows += head_metric_rows(f"ablation.{kind}.{name}", mean, stderr, n)
+                    if name in exact:
+                        truth, guess = exact[name].mean(-1), est.z[name].mean(-1)
+                        detail = {"heads": truth.numel(), "mode": mode, "estimate": "ablation.atp"}
+                        run_rows.append({"metric": f"ablation.agreement.spearman.{name}",
+                                         "value": spearman(truth, guess), "detail": detail})
+                        run_rows.append({"metric": f"ablation.agreement.top10.{name}",
+                                         "value": float(top_overlap(truth, guess)), "detail": detail})
+        extra["seconds"] = seconds
+        if not config.get("concept_hashes"):
+            extra["concepts_left_out"] = "workers.concepts is not available"
+        return FamilyResult({"head_metrics": rows, "run_metrics": run_rows}, tokens=tokens, extra_config=extra)
