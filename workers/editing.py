@@ -15,7 +15,9 @@ so a batch holds every selection x prompt at once.
 
 from __future__ import annotations
 
+import logging
 import random
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -29,6 +31,7 @@ from workers.hooks import edit_z
 from workers.models import LoadedModel
 from workers.probes import bos_id
 
+log = logging.getLogger(__name__)
 Heads = list[tuple[int, int]]
 LOGIT_BUDGET = 2**28  # bytes of float32 logits per forward chunk
 
@@ -158,6 +161,7 @@ def verify(lm: LoadedModel, concepts: list[Concept], tokens: dict[str, ConceptTo
     summaries: list[dict[str, Any]] = []
     base_loss = corpus_loss(lm, windows, [[]], 1.0)[0]
     for concept in concepts:
+        t0 = time.perf_counter()
         base = measure(lm, concept, tokens[concept.name].ids, [[]], 1.0, None, grid["max_new_tokens"])
         for k in ks:
             for alpha in grid["alphas"]:
@@ -177,6 +181,7 @@ def verify(lm: LoadedModel, concepts: list[Concept], tokens: dict[str, ConceptTo
                                       "before": before[metric], "after": value})
                     summaries.append(summary(concept.name, k, alpha, metric, before[metric],
                                              dict(zip(named, values, strict=True))))
+        log.info("verified %s in %.1fs", concept.name, time.perf_counter() - t0)
     return edits, summaries
 
 

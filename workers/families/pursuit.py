@@ -19,6 +19,8 @@ unrelated tokens can score high on a large dictionary; samples are short templat
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any
 
 import torch
@@ -31,6 +33,8 @@ from workers.hooks import edit_z
 from workers.models import LoadedModel
 from workers.probes import bos_id
 from workers.somp import CRITERIA, CovarianceAccumulator, centred, somp_heads
+
+log = logging.getLogger(__name__)
 
 VERIFY_GRIDS = {
     "small": {"k_fractions": [0.01, 0.02, 0.05], "alphas": [-1.0], "n_random": 10, "max_new_tokens": 12,
@@ -71,9 +75,10 @@ class PursuitFamily:
             "o_proj_bias": "not part of any head (none in Llama/Gemma)",
             "logit_lens_score": "mean over samples and concept tokens of (W_U diag(gamma))_j . (z W_O^h)",
             "readout": {"atoms": int(options.get("readout_atoms", 10)), "criterion": "l2",
-                        "rank": int(options.get("readout_rank", 16)),
-                        "candidates": int(options.get("readout_candidates", 2048))},
-            "verify": {"grid": grid_name, **VERIFY_GRIDS.get(grid_name, {})},
+                        "shortlist_rank": int(options.get("readout_rank", 4)),
+                        "candidates": int(options.get("readout_candidates", 512))},
+            "verify": {"grid": grid_name, **{key: options.get(key, value)
+                                              for key, value in VERIFY_GRIDS.get(grid_name, {}).items()}},
             "seed": int(options.get("seed", 0)),
             "corpus": options.get("corpus"), "text_field": options.get("text_field", "text"),
             "corpus_id": corpus.corpus_id,
@@ -92,7 +97,9 @@ class PursuitFamily:
         tokens = {c.name: tokenize_concept(c, lm.tokenizer, n_vocab) for c in concepts}
         usable = [c for c in concepts if tokens[c.name].ids]
         prompts = [p for c in concepts for p in c.prompts]
+        t0 = time.perf_counter()
         z, n_tokens = pooled_z(lm, prompts, config["batch"])  # (n, L, H, d_head)
+        log.info("pooled %d samples in %.1fs", len(prompts), time.perf_counter() - t0)
         n, n_layers, n_heads, d_head = z.shape
         flat = z.reshape(n, n_layers * n_heads, d_head)
         w_o = torch.stack([lm.adapter.w_o(layer).detach().float().cpu()
@@ -113,12 +120,14 @@ class PursuitFamily:
             for rank, idx in enumerate(order.tolist(), start=1):
                 rows.append({"layer": idx // n_heads, "head": idx % n_heads, "concept": concept.name,
                              "score": float(evr.flatten()[idx]), "rank": rank})
+        log.info("ranked %d concepts in %.1fs", len(usable), time.perf_counter() - t0)
         readout_rows, kept = readout(lm, acc, w_o, gain, config["readout"], n_heads)
+        log.info("readout done at %.1fs", time.perf_counter() - t0)
         token_info = {c.name: tokens[c.name].summary() for c in concepts}
         run_metrics = [{"metric": f"pursuit.tokens.{name}", "value": float(info["n_tokens"]), "detail": info}
                        for name, info in token_info.items()]
         run_metrics.append({"metric": "pursuit.readout_variance_kept", "value": float(kept.mean()),
-                            "detail": {"min": float(kept.min()), "rank": config["readout"]["rank"]}})
+                            "detail": {"min": float(kept.min()), "rank": config["readout"]["shortlist_rank"]}})
         edits: list[dict[str, Any]] = []
         if config["verify"]["grid"] != "off" and usable:
             edits, summaries = verify(lm, usable, tokens, scores, ll_scores, config)
@@ -207,14 +216,15 @@ def readout(lm: LoadedModel, acc: CovarianceAccumulator, w_o: torch.Tensor, gain
             cfg: dict[str, Any], n_heads: int, chunk: int = 16384) -> tuple[list[dict[str, Any]], torch.Tensor]:
     """Each head's top atoms over the full vocabulary (the Head Pursuit readout), l2 criterion.
 
-    Exact over the full vocabulary would cost vocab x d_model x d_head per head, so: the head's
-    covariance is truncated to its top `rank` directions (the kept variance fraction is returned
-    and stored), and SOMP runs on the `candidates` atoms with the highest first-step score.
+    Exact over the full vocabulary would cost vocab x d_model x d_head per head, so a shortlist of
+    `candidates` atoms is picked by their first-step score on the head's top `rank` covariance
+    directions (the variance fraction those keep is returned and stored), and SOMP then runs,
+    exactly and with the full covariance, on the shortlist.
     """
-    x, kept = acc.factor(cfg["rank"])  # (heads, r, d_head)
-    x = x.float()
-    total_heads, r, _ = x.shape
-    m_all = torch.einsum("hkd,hrk->dhr", w_o, x).reshape(w_o.shape[2], -1)  # (d_model, heads * r)
+    x_short, kept = acc.factor(cfg["shortlist_rank"])  # (heads, r, d_head): the shortlist's few directions
+    x = acc.factor()[0].float()  # full rank: SOMP on the shortlist is exact l2 within it
+    total_heads, r, _ = x_short.shape
+    m_all = torch.einsum("hkd,hrk->dhr", w_o, x_short.float()).reshape(w_o.shape[2], -1)  # (d_model, heads * r)
     unembed = _unembed(lm)
     vocab = unembed.shape[0]
     n_cand = min(cfg["candidates"], vocab)

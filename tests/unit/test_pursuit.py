@@ -1,0 +1,132 @@
+"""The pursuit family and the editing machinery on a tiny random Llama (mechanics, not behaviour)."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from atlas.errors import BadInput, NotFound
+from tests.tiny import tiny_model
+from workers.editing import k_values, layer_matched_random, measure, row_scales, scale_tensor
+from workers.families.pursuit import PursuitFamily, final_gain
+from workers.hooks import scaled
+from workers.plan import stable_hash
+
+TINY_CONCEPTS = """
+[evens]
+words = ["w10", "w12", "w14", "w16", "w18", "w20"]
+prompts = ["w3 w4 w10", "w5 w12 w6", "w7 w8 w9 w14", "w30 w31"]
+heldout = ["w40 w41", "w42 w43 w44", "w45"]
+
+[odds]
+words = ["w11", "w13", "w15", "w17", "w19"]
+prompts = ["w50 w51 w11", "w52 w13", "w53 w54 w55", "w60 w61 w62"]
+heldout = ["w70 w71", "w72 w73", "w74"]
+"""
+SMALL = {"n_random": 3, "max_new_tokens": 4, "loss_windows": 2, "window": 16, "k_fractions": [0.1, 0.25]}
+
+
+@pytest.fixture()
+def concept_file(tmp_path: Path) -> str:
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY_CONCEPTS)
+    return str(path)
+
+
+def test_config_records_choices_and_refuses_bad_input(concept_file: str) -> None:
+    family = PursuitFamily()
+    config = family.config({"concepts": concept_file, "criterion": "l2"})
+    assert config["criterion"] == "l2" and [c["name"] for c in config["concepts"]] == ["evens", "odds"]
+    assert "gamma" in config["dictionary"] and config["verify"]["n_random"] == 10
+    assert stable_hash(config) != stable_hash(family.config({"concepts": concept_file}))
+    with pytest.raises(BadInput, match="criterion"):
+        family.config({"concepts": concept_file, "criterion": "max"})
+    with pytest.raises(NotFound):
+        family.config({"concepts": "colours"})
+
+
+@pytest.mark.parametrize("criterion", ["l1", "l2"])
+def test_run_stores_ranks_readout_and_edits(tiny_lm, concept_file: str, criterion: str) -> None:
+    family = PursuitFamily()
+    config = family.config({"concepts": concept_file, "criterion": criterion, "steps": 3, "readout_atoms": 4,
+                            "readout_candidates": 16, **SMALL})
+    result = family.run(tiny_lm, config)
+    n_layers, n_heads = tiny_lm.adapter.n_layers, tiny_lm.adapter.n_heads
+    scores = result.tables["concept_scores"]
+    assert len(scores) == 2 * n_layers * n_heads
+    for name in ("evens", "odds"):
+        mine = [r for r in scores if r["concept"] == name]
+        assert sorted(r["rank"] for r in mine) == list(range(1, n_layers * n_heads + 1))
+        assert all(0.0 <= r["score"] <= 1.0 + 1e-9 for r in mine)
+        ordered = sorted(mine, key=lambda r: r["rank"])
+        assert all(a["score"] >= b["score"] for a, b in itertools.pairwise(ordered))
+    readout = result.tables["head_tokens"]
+    assert {r["kind"] for r in readout} == {"pursuit"} and len(readout) == 4 * n_layers * n_heads
+    edits = result.tables["edits"]
+    assert {e["metric"] for e in edits} == {"concept_mass", "concept_words", "corpus_loss"}
+    assert {e["selection"] for e in edits} == {"pursuit", "logit-lens", "random-0", "random-1", "random-2"}
+    for e in edits:
+        if e["selection"].startswith("random"):
+            pursuit = next(p for p in edits if p["edit_id"] == e["edit_id"].replace(e["selection"], "pursuit"))
+            assert not {tuple(h) for h in e["heads"]} & {tuple(h) for h in pursuit["heads"]}
+            assert sorted(h[0] for h in e["heads"]) == sorted(h[0] for h in pursuit["heads"])
+    assert any(m["metric"].startswith("pursuit.verify.evens") for m in result.tables["run_metrics"])
+    assert result.extra_config["n_samples"] == 8
+
+
+def test_k_values_and_layer_matched_random() -> None:
+    assert k_values(270, [0.01, 0.02, 0.05]) == [3, 5, 14]
+    assert k_values(72, [0.01, 0.02, 0.05]) == [1, 4]
+    selected = [(0, 1), (0, 2), (3, 0)]
+    for seed in range(5):
+        drawn = layer_matched_random(selected, 4, 4, random.Random(seed))
+        assert sorted(lay for lay, _ in drawn) == [0, 0, 3] and not set(drawn) & set(selected)
+    full = [(1, h) for h in range(3)]  # 3 of 4 heads in layer 1: only one free there
+    drawn = layer_matched_random(full, 4, 4, random.Random(0))
+    assert len(drawn) == 3 and (1, 3) in drawn and not set(drawn) & set(full)
+
+
+def test_per_row_scales_equal_one_setting_per_forward(tiny_lm) -> None:
+    """Batching settings as rows (one forward) gives each row what its own forward gives."""
+    settings = [[], [(0, 1)], [(1, 0), (2, 3)]]
+    ids = torch.tensor([[1, 5, 9, 13, 17]])
+    n_layers, n_heads = tiny_lm.adapter.n_layers, tiny_lm.adapter.n_heads
+    scales = scale_tensor(settings, -1.0, n_layers, n_heads, 1)
+    with torch.inference_mode():
+        with row_scales(tiny_lm, scales):
+            batched = tiny_lm.model(ids.repeat(3, 1)).logits
+        for i, heads in enumerate(settings):
+            with scaled(tiny_lm.adapter, heads, -1.0):
+                single = tiny_lm.model(ids).logits
+            torch.testing.assert_close(batched[i], single[0], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(batched[0], batched[2])
+
+
+def test_measure_baseline_is_the_same_in_any_batch(tiny_lm, concept_file: str) -> None:
+    from workers.concepts import concept_token_ids, load_concepts
+
+    concept = load_concepts(concept_file)[0]
+    ids = concept_token_ids(concept, tiny_lm.tokenizer)
+    alone = measure(tiny_lm, concept, ids, [[]], 1.0, None, 3)
+    mixed = measure(tiny_lm, concept, ids, [[(0, 0)], [], [(1, 1)]], -1.0, None, 3)
+    assert alone["concept_mass"][0] == pytest.approx(mixed["concept_mass"][1], rel=1e-4)
+    assert alone["concept_words"][0] == mixed["concept_words"][1]
+
+
+@pytest.mark.parametrize("architecture", ["LlamaForCausalLM", "Gemma3ForCausalLM"])
+def test_final_gain_reads_gamma_off_the_norm(architecture: str) -> None:
+    from types import SimpleNamespace
+
+    from workers.adapters import adapter_for
+
+    model = tiny_model(architecture)
+    norm = model.model.norm
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 2.0, norm.weight.shape[0]))
+    lm = SimpleNamespace(adapter=adapter_for(architecture).bind(model))
+    expected = norm.weight + 1 if architecture.startswith("Gemma") else norm.weight
+    torch.testing.assert_close(final_gain(lm), expected.detach(), rtol=1e-4, atol=1e-4)
