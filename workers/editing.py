@@ -155,11 +155,12 @@ def verify(lm: LoadedModel, concepts: list[Concept], tokens: dict[str, ConceptTo
     grid = config["verify"]
     n_layers, n_heads = lm.adapter.n_layers, lm.adapter.n_heads
     corpus = load_corpus(config.get("corpus"), config.get("text_field", "text"))
-    windows = token_windows(corpus, lm.tokenizer, grid["window"], grid["loss_windows"], bos_id(lm.tokenizer))
+    windows = (token_windows(corpus, lm.tokenizer, grid["window"], grid["loss_windows"], bos_id(lm.tokenizer))
+               if grid["loss_windows"] else None)  # 0 windows: no side-effect measurement
     ks = k_values(n_layers * n_heads, grid["k_fractions"])
     edits: list[dict[str, Any]] = []
     summaries: list[dict[str, Any]] = []
-    base_loss = corpus_loss(lm, windows, [[]], 1.0)[0]
+    base_loss = corpus_loss(lm, windows, [[]], 1.0)[0] if windows is not None else None
     for concept in concepts:
         t0 = time.perf_counter()
         base = measure(lm, concept, tokens[concept.name].ids, [[]], 1.0, None, grid["max_new_tokens"])
