@@ -123,11 +123,11 @@ class RetrievalFamily:
     def config(self, options: dict[str, Any]) -> dict[str, Any]:
         from atlas.errors import BadInput
 
-        corpus = load_corpus(options.get("corpus"), options.get("text_field", "text"))
         max_context = int(options.get("max_context") or 1024)
         if max_context < 256:
             raise BadInput(f"--max-context {max_context} is too short for a haystack",
                            "use at least 256 tokens")
+        corpus = load_corpus(options.get("corpus"), options.get("text_field", "text"))
         return {"corpus": options.get("corpus"), "text_field": options.get("text_field", "text"),
                 "corpus_id": corpus.corpus_id, "max_context": max_context,
                 "n_lengths": int(options.get("retrieval_lengths", 2)),

@@ -1,0 +1,121 @@
+"""Needle prompts, ROUGE-1 recall, the copy-paste hit rule, and the family end to end on a tiny model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from workers.corpora import load_corpus
+from workers.families.retrieval import RetrievalFamily, copy_hits, distribution, random_same_layers
+from workers.needles import NEEDLES, build_tests, depth_grid, find_span, length_grid, rouge1_recall
+
+
+def test_rouge1_recall() -> None:
+    assert rouge1_recall("a brass telescope", "He owns a Brass telescope.") == 1.0
+    assert rouge1_recall("a brass telescope", "a telescope") == pytest.approx(2 / 3)
+    assert rouge1_recall("the the cat", "the cat") == pytest.approx(2 / 3)  # clipped counts
+    assert rouge1_recall("cat", "") == 0.0
+
+
+def test_grids() -> None:
+    assert depth_grid() == [0.0, 11.0, 22.0, 33.0, 44.0, 56.0, 67.0, 78.0, 89.0, 100.0]  # Wu et al.
+    assert length_grid(2048, 3, 512) == [512, 1280, 2048]
+    assert length_grid(1024, 1, 512) == [1024]
+    assert len(NEEDLES) >= 3 and len({n.name for n in NEEDLES}) == len(NEEDLES)
+
+
+@pytest.fixture(scope="module")
+def llama_tokenizer():
+    from transformers import AutoTokenizer
+
+    from workers.models import _dequantized_dir, resolve
+
+    return AutoTokenizer.from_pretrained(_dequantized_dir(resolve("llama")))
+
+
+@pytest.fixture(scope="module")
+def prose() -> tuple[str, ...]:
+    return load_corpus(None).texts[:60]
+
+
+@pytest.fixture
+def corpus_file(tmp_path, prose) -> str:
+    path = tmp_path / "prose.txt"
+    path.write_text("\n\n".join(prose))
+    return str(path)
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_prompts_have_exact_spans(llama_tokenizer, prose, chat: bool) -> None:
+    """Every prompt is `length` tokens; the span holds the answer; the needle sits after a sentence end."""
+    tok = llama_tokenizer
+    depths = depth_grid(5)
+    tests = build_tests(tok, prose, [300, 600], depths, chat=chat)
+    assert len(tests) == 2 * len(depths) * len(NEEDLES)
+    for test in tests:
+        assert len(test.ids) == test.length
+        assert tok.decode(test.answer_ids).strip() == test.needle.answer
+        found = find_span(test.ids, test.answer_ids)  # Wu et al.'s locator: the first window with
+        assert found is not None and 0 <= test.span[0] - found[0] <= 2  # > 0.9 set overlap, may start early
+        assert test.needle.question in tok.decode(test.ids[-40:])
+    starts = [t.span[0] for t in tests if t.needle is NEEDLES[0] and t.length == 600]
+    assert starts == sorted(starts) and starts[-1] - starts[0] > 400  # depth moves the needle
+    mid = next(t for t in tests if t.depth == 50.0)
+    before = tok.decode(mid.ids[mid.span[0] - 20:mid.span[0]])
+    assert mid.needle.prefix.strip() in before
+    pre = mid.ids[mid.span[0] - len(tok.encode(mid.needle.prefix, add_special_tokens=False)) - 1]
+    assert tok.decode([pre]).rstrip().endswith((".", "!", "?"))  # placed after a sentence end
+
+
+def test_copy_hits() -> None:
+    prompt = torch.tensor([5, 6, 7, 8, 9, 7])
+    pos = torch.tensor([[2, 5, 3], [1, 2, 0]])  # argmax per (layer, head)
+    hits = copy_hits(pos, prompt, (1, 4), token=7)
+    # in the span [1, 4) and prompt[pos] == 7: only position 2 (pos 5 holds a 7 outside the span)
+    assert hits.tolist() == [[True, False, False], [False, True, False]]
+
+
+def test_random_heads_come_from_the_same_layers() -> None:
+    top = [(0, 1), (0, 2), (3, 0)]
+    rand = random_same_layers(top, n_heads=4, seed=0)
+    assert sorted(layer for layer, _ in rand) == [0, 0, 3]
+    assert not set(rand) & set(top)
+    assert random_same_layers(top, 4, 0) == rand  # seeded
+
+
+def test_distribution_bins_sum_to_one() -> None:
+    import numpy as np
+
+    d = distribution(np.array([[0.0, 0.05, 0.2], [0.7, 0.0, 0.1]]))
+    assert d == {"=0": 2 / 6, "(0,0.1]": 2 / 6, "(0.1,0.5]": 1 / 6, ">0.5": 1 / 6}
+
+
+def test_config_validates_and_records_choices(corpus_file) -> None:
+    from atlas.errors import BadInput, NotFound
+
+    family = RetrievalFamily()
+    config = family.config({"max_context": 2048, "corpus": corpus_file})
+    assert config["max_context"] == 2048 and len(config["depths"]) == 10 and len(config["needles"]) >= 3
+    assert config["corpus_id"].startswith("prose:")
+    with pytest.raises(BadInput):
+        family.config({"max_context": 100})
+    with pytest.raises(NotFound):
+        family.config({"corpus": "/no/such/corpus.txt"})
+
+
+def test_family_on_a_tiny_model(tiny_lm, corpus_file) -> None:
+    """Rows for every head, the grid in the config; a random model answers nothing, so n = 0."""
+    family = RetrievalFamily()
+    config = family.config({"max_context": 256, "retrieval_depths": 3, "retrieval_max_new_tokens": 4,
+                            "corpus": corpus_file})
+    result = family.run(tiny_lm, config)
+    a = tiny_lm.adapter
+    rows = result.tables["head_metrics"]
+    metrics = {r["metric"] for r in rows}
+    assert metrics == {"retrieval.score", "retrieval.activation_frequency", "retrieval.tests_kept"}
+    assert len(rows) == 3 * a.n_layers * a.n_heads
+    grid = result.extra_config["grid"]
+    assert grid["lengths"] == [256 - 4 - 1] and grid["tests"] == 3 * len(NEEDLES)
+    kept = {r["metric"]: r["value"] for r in result.tables["run_metrics"]}["retrieval.tests_kept"]
+    assert all(r["n"] == kept for r in rows)
+    assert all(r["value"] >= 0.0 for r in rows)
