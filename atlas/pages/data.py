@@ -27,47 +27,20 @@ def model_row(atlas: Any, model: str) -> dict[str, Any]:
     return atlas.execute("SELECT * FROM models WHERE model_key = ?", [key]).to_pylist()[0]
 
 
-def head_card(atlas: Any, model: str, layer: int, head: int) -> dict[str, Any]:
-    """Everything the atlas knows about one head: metrics with their rank in the model, role labels,
-    top tokens per kind, concept scores, and the runs behind them."""
-    m = model_row(atlas, model)
-    key = m["model_key"]
-    if not (0 <= layer < m["n_layers"] and 0 <= head < m["n_heads"]):
-        raise NotFound(f"{m['alias'] or key} has no head {layer}.{head}",
-                       f"layers 0-{m['n_layers'] - 1}, heads 0-{m['n_heads'] - 1}")
-    metrics = atlas.execute("""
-        WITH m AS (SELECT metric, layer, head, value, stderr, n, run_id,
-                          rank() OVER (PARTITION BY metric ORDER BY value DESC) AS rank,
-                          count(*) OVER (PARTITION BY metric) AS of
-                   FROM latest_metrics WHERE model_key = ?)
-        SELECT metric, value, stderr, n, rank, of, run_id FROM m WHERE layer = ? AND head = ? ORDER BY metric
-    """, [key, layer, head]).to_pylist()
+def head_card(atlas: Any, model: str, layer: int, head: int, top: int = 10) -> dict[str, Any]:
+    """The head card of atlas/cards.py (metrics with their rank in the model, tokens per kind, concept
+    scores), plus the head's role labels and the model's runs, which the head page shows."""
+    from atlas.cards import card_json
+    from atlas.cards import head_card as card_of
+
+    card = card_json(card_of(atlas, model, f"{layer}.{head}", top))
+    m = model_row(atlas, card["model_key"])
     labels = atlas.execute("SELECT label, metric, value, threshold FROM head_labels "
                            "WHERE model_key = ? AND layer = ? AND head = ? ORDER BY label",
-                           [key, layer, head]).to_pylist()
-    tokens = atlas.execute("""
-        SELECT t.kind, t.rank, t.token_id, t.token_text, t.score, t.run_id
-        FROM head_tokens t JOIN runs r USING (run_id)
-        WHERE t.model_key = ? AND t.layer = ? AND t.head = ? AND r.status = 'complete'
-        QUALIFY dense_rank() OVER (PARTITION BY t.kind ORDER BY r.finished_at DESC, r.run_id) = 1
-        ORDER BY t.kind, t.rank
-    """, [key, layer, head]).to_pylist()
-    concepts = atlas.execute(f"""
-        SELECT concept, score, rank, run_id FROM ({LATEST_CONCEPTS})
-        WHERE model_key = ? AND layer = ? AND head = ? ORDER BY rank, concept
-    """, [key, layer, head]).to_pylist()
+                           [card["model_key"], layer, head]).to_pylist()
     runs = atlas.execute("SELECT run_id, family, family_version, probe_set, status, finished_at FROM runs "
-                         "WHERE model_key = ? ORDER BY family, finished_at", [key]).to_pylist()
-    group = m["n_heads"] // max(1, m["n_kv_heads"])
-    by_kind: dict[str, list[dict[str, Any]]] = {}
-    for t in tokens:
-        by_kind.setdefault(t.pop("kind"), []).append(t)
-    return {
-        "model": m["alias"] or key, "model_key": key, "layer": layer, "head": head,
-        "kv_head": head // group, "depth": layer / (m["n_layers"] - 1) if m["n_layers"] > 1 else 0.0,
-        "n_layers": m["n_layers"], "n_heads": m["n_heads"], "metrics": metrics, "labels": labels,
-        "tokens": by_kind, "concepts": concepts, "runs": runs,
-    }
+                         "WHERE model_key = ? ORDER BY family, finished_at", [card["model_key"]]).to_pylist()
+    return {**card, "n_layers": m["n_layers"], "n_heads": m["n_heads"], "labels": labels, "runs": runs}
 
 
 def list_concepts(atlas: Any) -> pa.Table:

@@ -13,7 +13,7 @@ from typing import Any
 from urllib.parse import quote
 
 import jinja2
-from fastapi import FastAPI
+from fastapi import FastAPI, Query
 from fastapi.responses import HTMLResponse, RedirectResponse
 
 from atlas import queries
@@ -92,6 +92,8 @@ def add_pages(app: FastAPI, service: Any) -> None:
                           rows=table)
         return page(build)
 
+    add_compare(app, service)
+
     @app.get("/{model:path}/{layer:int}/{head:int}", response_class=HTMLResponse, include_in_schema=False)
     def head(model: str, layer: int, head: int) -> HTMLResponse:
         return page(lambda atlas: render("head.html", title=f"{model} {layer}.{head}",
@@ -109,6 +111,44 @@ def add_pages(app: FastAPI, service: Any) -> None:
             return render("model.html", title=row["alias"] or row["model_key"], m=row,
                           name=row["alias"] or row["model_key"], grids=grids, ranges=ranges)
         return page(build)
+
+
+def add_compare(app: FastAPI, service: Any) -> None:
+    """Head matching (atlas/match.py) and cross-model comparison (atlas/report.py), as JSON and as the
+    offline comparison report (plotly.js inlined by atlas/report.py, no CDN)."""
+    from atlas.match import match_head
+    from atlas.report import compare, render_html
+
+    def _compare(atlas: Any, models: list[str] | None, metrics: list[str] | None,
+                 concepts: list[str] | None, top: int) -> dict[str, Any]:
+        return compare(atlas, models or None, metrics or None, concepts or None, top=top)
+
+    @app.get("/api/match/{model:path}/{layer:int}/{head:int}", tags=["compare"],
+             summary="Heads of another model most like this head (profile and token views)")
+    def match(model: str, layer: int, head: int, other: str = Query(..., alias="in"), top: int = 10,
+              by: str = "both") -> list[dict[str, Any]]:
+        from atlas.server import rows
+
+        with service.reader() as atlas:
+            return rows(match_head(atlas, model, f"{layer}.{head}", other, top, by))
+
+    @app.get("/api/compare", tags=["compare"], summary="Cross-model comparison: roles, top heads, concepts")
+    def compare_json(models: list[str] = Query(default=[]), metrics: list[str] = Query(default=[]),
+                     concepts: list[str] = Query(default=[]), top: int = 5) -> dict[str, Any]:
+        from atlas.server import _clean
+
+        with service.reader() as atlas:
+            return _clean(_compare(atlas, models, metrics, concepts, top))
+
+    @app.get("/compare", response_class=HTMLResponse, include_in_schema=False)
+    def compare_page(models: list[str] = Query(default=[]), metrics: list[str] = Query(default=[]),
+                     concepts: list[str] = Query(default=[]), top: int = 5) -> HTMLResponse:
+        try:
+            with service.reader() as atlas:
+                return HTMLResponse(render_html(_compare(atlas, models, metrics, concepts, top)))
+        except AtlasError as exc:
+            return render("error.html", 404 if isinstance(exc, NotFound) else 400, message=exc.message,
+                          hint=exc.hint, title="compare")
 
 
 HEAD_SPEC = re.compile(r"^(?P<model>.+?)[\s/]+L?(?P<layer>\d+)[\s./]+H?(?P<head>\d+)$", re.IGNORECASE)

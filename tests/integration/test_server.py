@@ -67,8 +67,13 @@ def test_api_reads(server: dict[str, Any]) -> None:
         assert induction["value"] == ranked[0]["value"] and induction["rank"] == 1
         by_concept = http.get("/api/heads", params={"concept": "colors", "top": 2}).json()
         assert [r["rank"] for r in by_concept] == [1, 2]
+        matches = http.get(f"/api/match/{key}/{ranked[0]['layer']}/{ranked[0]['head']}",
+                           params={"in": key, "top": 2}).json()
+        assert (matches[0]["layer"], matches[0]["head"]) == (ranked[0]["layer"], ranked[0]["head"])  # itself
+        report = http.get("/api/compare", params={"models": [key], "metrics": ["induction"], "top": 3}).json()
+        assert report["metrics"] == ["patterns.induction"]
         spec = http.get("/openapi.json").json()
-        assert {"/api/sql", "/api/builds", "/api/builds/{build_id}", "/api/heads"} <= set(spec["paths"])
+        assert {"/api/sql", "/api/builds", "/api/builds/{build_id}", "/api/heads", "/api/compare"} <= set(spec["paths"])
 
 
 def test_bad_requests_get_4xx_and_change_nothing(server: dict[str, Any]) -> None:
