@@ -1,0 +1,78 @@
+"""Concept queries over a real DuckDB atlas (no torch): ranking per model, across models, the check."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from atlas.concepts import concept_across_models, concept_heads, known_concepts, top_heads, verification
+from atlas.errors import NotFound
+from atlas.shards import write_shard
+from atlas.store import Atlas
+
+
+def _model(key: str, alias: str) -> dict:
+    return {"model_key": key, "alias": alias, "source": alias, "format": "safetensors", "dtype": "float32",
+            "architecture": "LlamaForCausalLM", "n_layers": 3, "n_heads": 4, "n_kv_heads": 2, "d_model": 32,
+            "d_head": 8, "vocab_size": 96}
+
+
+def _shard(root: Path, run_id: str, model: dict, finished: str, best: tuple[int, int], mass: float) -> Path:
+    run = {"run_id": run_id, "model_key": model["model_key"], "family": "pursuit", "family_version": 1,
+           "probe_set": "concepts:colors", "config": {"criterion": "l1"}, "config_hash": run_id,
+           "code_version": "0", "status": "complete", "started_at": finished, "finished_at": finished}
+    key = {"run_id": run_id, "model_key": model["model_key"]}
+    heads = [(layer, head) for layer in range(3) for head in range(4)]
+    heads.sort(key=lambda h: (h != best, h))
+    scores = [{**key, "layer": lay, "head": h, "concept": "colors", "score": 0.9 - 0.05 * i, "rank": i + 1}
+              for i, (lay, h) in enumerate(heads)]
+    edits = [{**key, "edit_id": f"colors:k=1:alpha=-1:{sel}:concept_mass", "concept": "colors", "k": 1,
+              "alpha": -1.0, "selection": sel, "heads": [list(best)], "metric": "concept_mass",
+              "before": 0.5, "after": after}
+             for sel, after in [("pursuit", mass), ("logit-lens", 0.45)] + [(f"random-{i}", 0.48 + i / 100)
+                                                                             for i in range(10)]]
+    return write_shard(root, run, model, {"concept_scores": scores, "edits": edits,
+                                          "concepts": [{"name": "colors", "words": ["red"], "source": "builtin"}]})
+
+
+@pytest.fixture()
+def atlas_path(tmp_path: Path) -> Path:
+    db = tmp_path / "a.duckdb"
+    a, b = _model("a@1:safetensors", "alpha"), _model("b@1:safetensors", "beta")
+    with Atlas.writer(db) as atlas:
+        atlas.ingest(_shard(tmp_path / "s", "old", a, "2026-01-01T00:00:00+00:00", (0, 0), 0.49))
+        atlas.ingest(_shard(tmp_path / "s", "new", a, "2026-02-01T00:00:00+00:00", (2, 3), 0.1))
+        atlas.ingest(_shard(tmp_path / "s", "other", b, "2026-01-15T00:00:00+00:00", (1, 1), 0.6))
+    return db
+
+
+def test_concept_heads_use_the_latest_run_per_model(atlas_path: Path) -> None:
+    with Atlas(atlas_path) as atlas:
+        assert known_concepts(atlas) == ["colors"]
+        rows = concept_heads(atlas, "colors", "alpha", 3).to_pylist()
+        assert next((r["layer"], r["head"], r["rank"]) for r in rows) == (2, 3, 1)
+        assert rows[0]["depth"] == 1.0 and len(rows) == 3
+        assert top_heads(atlas, "beta", "colors", 2)[0] == (1, 1)
+        assert {r["model"] for r in concept_heads(atlas, "colors", None, 2).to_pylist()} == {"alpha", "beta"}
+        with pytest.raises(NotFound, match="concepts in this atlas: colors"):
+            concept_heads(atlas, "animals")
+
+
+def test_verification_and_across_models(atlas_path: Path) -> None:
+    with Atlas(atlas_path) as atlas:
+        check = {r["model"]: r for r in verification(atlas, "colors").to_pylist()}
+        across = {r["model"]: r for r in concept_across_models(atlas, "colors", 2).to_pylist()}
+    assert check["alpha"]["pursuit"] == pytest.approx(0.2) and check["alpha"]["beats_every_random"] is True
+    assert check["alpha"]["random_median"] == pytest.approx((0.52 + 0.53) / 2 / 0.5)
+    assert check["beta"]["beats_every_random"] is False
+    assert across["alpha"]["top_heads"].startswith("L2.H3") and across["beta"]["suppress_ratio"] == pytest.approx(1.2)
+
+
+def test_atlas_concepts_imports_no_torch() -> None:
+    assert "atlas.concepts" in sys.modules
+    import subprocess
+
+    code = "import sys, atlas.concepts; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
