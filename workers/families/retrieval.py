@@ -55,11 +55,12 @@ def copy_hits(pos: torch.Tensor, prompt: torch.Tensor, span: tuple[int, int], to
 
 
 def prefill(lm: LoadedModel, ids: list[int]) -> Any:
-    """Run prompt[:-1] through the model (sdpa path); returns the KV cache."""
+    """Run prompt[:-1] through the model (sdpa path); returns the KV cache. Memory O(T)."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=lm.model.config)
-    lm.model(torch.tensor([ids[:-1]], device=lm.device), past_key_values=cache, use_cache=True)
+    lm.model(torch.tensor([ids[:-1]], device=lm.device), past_key_values=cache, use_cache=True,
+             logits_to_keep=1)  # no (T, vocab) logits: the prompt's last token is fed again
     return cache
 
 
