@@ -184,16 +184,17 @@ class AtlasService:
         self._write = threading.Lock()
         # One daemon build thread, builds in submission order: stopping the server stops a build
         # mid-unit without committing it (ingest is transactional), and a re-submit resumes it.
-        self._queue: queue.Queue[BuildState] = queue.Queue()
+        self._queue: queue.Queue[BuildState | None] = queue.Queue()
         threading.Thread(target=self._worker, name="atlas-build", daemon=True).start()
 
     def close(self) -> None:
+        self._queue.put(None)  # the build thread ends after the build in hand, if any
         with self._write:  # never close under an ingest transaction
             self.atlas.close()
 
     def _worker(self) -> None:
-        while True:
-            self._run(self._queue.get())
+        while (state := self._queue.get()) is not None:
+            self._run(state)
 
     @contextmanager
     def reader(self) -> Iterator[Any]:
