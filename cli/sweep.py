@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -56,7 +58,8 @@ def run_and_report(models: list[str], families: list[str], db: Path, options: di
                    **build_kwargs: Any) -> None:
     from workers.build import build
 
-    with BuildProgress() as progress:
+    # Ray's driver prints worker events (a restarted actor, say) to stdout; stdout is for data only.
+    with BuildProgress() as progress, contextlib.redirect_stdout(sys.stderr):
         report = build(models, families, db, options=options, progress=progress, **build_kwargs)
     summary = {"db": str(db), "planned": report.planned, "skipped": report.skipped, "replayed": report.replayed,
                "completed": len(report.completed), "failed": report.failed, "rows": report.rows,

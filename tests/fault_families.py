@@ -27,8 +27,7 @@ class SleepyFamily:
     stores = ("head_metrics",)
 
     def config(self, options: dict[str, Any]) -> dict[str, Any]:
-        return {"corpus": options.get("corpus"), "corpus_id": load_corpus(options.get("corpus")).corpus_id,
-                "sleep_s": float(os.environ.get("FAULT_SLEEP_S", "2"))}
+        return {"corpus": options.get("corpus"), "corpus_id": load_corpus(options.get("corpus")).corpus_id}
 
     def probe_set(self, config: dict[str, Any]) -> str:
         return config["corpus_id"]
@@ -36,7 +35,7 @@ class SleepyFamily:
     def run(self, lm: LoadedModel, config: dict[str, Any]) -> FamilyResult:
         marks = Path(os.environ["FAULT_DIR"])
         (marks / f"{config['corpus_id'].replace(':', '_')}.{os.getpid()}.{time.time_ns()}").touch()
-        time.sleep(config["sleep_s"])
+        time.sleep(float(os.environ.get("FAULT_SLEEP_S", "2")))  # not in the config: same run id either way
         tokens = token_windows(load_corpus(config["corpus"]), lm.tokenizer, 8, max_windows=4)
         with capture_z(lm.adapter) as zs, torch.inference_mode():
             lm.model(tokens)
@@ -49,9 +48,6 @@ class FlakyFamily(SleepyFamily):
     """Fails like an out-of-memory error at full batch; succeeds once the batch is halved."""
 
     name = "flaky"
-
-    def config(self, options: dict[str, Any]) -> dict[str, Any]:
-        return {**super().config(options), "sleep_s": 0.0}
 
     def run(self, lm: LoadedModel, config: dict[str, Any]) -> FamilyResult:
         if config.get("_batch_divisor", 1) < 2:

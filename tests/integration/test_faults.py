@@ -106,6 +106,7 @@ def test_worker_killed_mid_unit_is_retried_on_a_new_actor(setup: dict) -> None:
     assert killed, "no unit started"
     out, err = driver.communicate(timeout=600)
     assert driver.returncode == 0, err
+    assert out.strip().startswith("{"), out[:2000]
     summary = json.loads(out)
     assert summary["completed"] == 2 and not summary["failed"]
     attempts = [m.name for m in setup["marks"].iterdir() if m.name.startswith(killed[0])]
