@@ -155,7 +155,7 @@ def _stacked_edit(layer: int, heads: list[int], rep: torch.Tensor, batch: int):
     return edit
 
 
-def heads_per_forward(lm: LoadedModel, probe: Probe, budget_bytes: float = 2**28) -> int:
+def heads_per_forward(lm: LoadedModel, probe: Probe, budget_bytes: float = 2**29) -> int:
     """How many head copies fit one stacked forward, by the size of the kept logits."""
     b = probe.tokens.shape[0]
     vocab = lm.adapter.unembed.weight.shape[0]
