@@ -75,6 +75,18 @@ def completed_runs(db: Path, units: list[Unit]) -> set[str]:
         return atlas.completed_runs([u.run_id for u in units])
 
 
+GRID_OPTIONS = ("corpus", "seed")  # options that may be lists: the sweep runs every value
+
+
+def expand_grid(options: dict[str, Any]) -> list[dict[str, Any]]:
+    """{"corpus": [a, b], "seed": [0, 1]} -> four option dicts, one per combination."""
+    grids = [{}]
+    for key, value in options.items():
+        values = value if key in GRID_OPTIONS and isinstance(value, list | tuple) else [value]
+        grids = [{**g, key: v} for g in grids for v in (values or [None])]
+    return [{k: v for k, v in g.items() if v is not None} for g in grids]
+
+
 def plan_build(models: list[str], families: list[str], options: dict[str, Any], device: str,
                address: str | None, sources: list[ModelSource] | None = None) -> list[Unit]:
     """Resolve models and plan every unit; raises on bad input before anything is written."""
@@ -83,13 +95,8 @@ def plan_build(models: list[str], families: list[str], options: dict[str, Any], 
     sources = sources or [resolve(m) for m in models]
     resolved = device if (device != "auto" or address) else pick_device(device)
     dtype = {"cuda": "bfloat16", "cpu": "float32"}.get(resolved, "auto")
-    corpora = options.get("corpus")
-    corpora = corpora if isinstance(corpora, list | tuple) else [corpora]
     units: dict[str, Unit] = {}
-    for corpus in corpora or [None]:  # families that read no corpus plan the same unit each time
-        given = {k: v for k, v in options.items() if k != "corpus"}
-        if corpus is not None:
-            given["corpus"] = corpus
+    for given in expand_grid(options):  # families that ignore an axis plan the same unit each time
         for unit in plan(sources, families, given, dtype):
             units.setdefault(unit.run_id, unit)
     return list(units.values())
