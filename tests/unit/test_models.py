@@ -84,3 +84,20 @@ def test_every_alias_resolves_offline(alias: str) -> None:
     source = resolve(alias)
     assert source.format == "gguf" and source.quantization and len(source.file_hash) == 64
     assert source.alias == alias and ":gguf:" in source.key
+
+
+def test_hub_repo_id_resolves_from_the_local_cache_offline(tiny_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """A repo id with HF_HUB_OFFLINE=1 reads the local hub cache, and records the snapshot revision."""
+    cache = tmp_path / "hub"
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "models--tiny-org--tiny-llama"
+    shutil.copytree(tiny_dir, repo / "snapshots" / sha)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    source = resolve("tiny-org/tiny-llama")
+    assert source.revision == sha and source.key == f"tiny-org/tiny-llama@{sha[:12]}:safetensors"
+    with pytest.raises(NotFound, match="local Hugging Face cache"):
+        resolve("tiny-org/not-downloaded")
