@@ -189,13 +189,17 @@ class RetrievalFamily:
         run_metrics = [
             {"metric": "retrieval.tests_kept", "value": float(n), "detail": grid},
             {"metric": "retrieval.needle_score", "value": float(np.mean(recalls)),
-             "detail": {"per_length": per_length}},
+             "detail": {"per_length": per_length,
+                        "tests": [{"needle": t.needle.name, "length": t.length, "depth": t.depth,
+                                   "recall": round(r, 4)} for t, r in zip(tests, recalls, strict=True)]}},
             {"metric": "retrieval.share_above_0.1", "value": float((score > 0.1).mean()),
              "detail": {"histogram": distribution(score)}},
         ]
         edits, mask_metrics = self.masking(lm, config, tests, recalls, score) if n else ([], [])
         return FamilyResult({"head_metrics": rows, "edits": edits, "run_metrics": run_metrics + mask_metrics},
-                            tokens=sum(len(t.ids) for t in tests), extra_config={"grid": grid})
+                            tokens=sum(len(t.ids) for t in tests),
+                            extra_config={"grid": grid, "stop_ids": stops, "prompt_used": (
+                                "chat" if config["prompt"] == "chat" and lm.tokenizer.chat_template else "plain")})
 
     def masking(self, lm: LoadedModel, config: dict[str, Any], tests: list[NeedleTest], recalls: list[float],
                 score: np.ndarray) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
