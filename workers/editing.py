@@ -15,6 +15,7 @@ so a batch holds every selection x prompt at once.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -189,7 +190,10 @@ def verify(lm: LoadedModel, concepts: list[Concept], tokens: dict[str, ConceptTo
 def summary(concept: str, k: int, alpha: float, metric: str, before: float,
             after: dict[str, float]) -> dict[str, Any]:
     """after/before for pursuit, logit-lens and the random draws (median, IQR, range)."""
-    ratio = {name: (value / before if before else float("nan")) for name, value in after.items()}
+    if not before:  # nothing to lower (e.g. no concept word before the edit): keep raw values, no ratio
+        return {"metric": f"pursuit.verify.{concept}.k{k}.alpha{alpha:g}.{metric}", "value": None,
+                "detail": json.dumps({"before": before, "after": after, "ratio": None})}
+    ratio = {name: value / before for name, value in after.items()}
     rand = torch.tensor([v for n, v in ratio.items() if n.startswith("random-")])
     detail = {"before": before, "pursuit": ratio["pursuit"], "logit_lens": ratio["logit-lens"],
               "random_median": float(rand.median()) if len(rand) else None,
@@ -202,7 +206,7 @@ def summary(concept: str, k: int, alpha: float, metric: str, before: float,
         beats = ratio["pursuit"] < rand.min() if lower else ratio["pursuit"] > rand.max()
         detail["beats_every_random"] = bool(beats)
     return {"metric": f"pursuit.verify.{concept}.k{k}.alpha{alpha:g}.{metric}", "value": ratio["pursuit"],
-            "detail": detail}
+            "detail": json.dumps(detail)}
 
 
 def edit_prompt(lm: LoadedModel, heads: Heads, alpha: float, prompt: str, concept: str | None = None,

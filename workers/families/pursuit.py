@@ -19,6 +19,7 @@ unrelated tokens can score high on a large dictionary; samples are short templat
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any
@@ -124,10 +125,12 @@ class PursuitFamily:
         readout_rows, kept = readout(lm, acc, w_o, gain, config["readout"], n_heads)
         log.info("readout done at %.1fs", time.perf_counter() - t0)
         token_info = {c.name: tokens[c.name].summary() for c in concepts}
-        run_metrics = [{"metric": f"pursuit.tokens.{name}", "value": float(info["n_tokens"]), "detail": info}
+        run_metrics = [{"metric": f"pursuit.tokens.{name}", "value": float(info["n_tokens"]),
+                        "detail": json.dumps(info)}
                        for name, info in token_info.items()]
         run_metrics.append({"metric": "pursuit.readout_variance_kept", "value": float(kept.mean()),
-                            "detail": {"min": float(kept.min()), "rank": config["readout"]["shortlist_rank"]}})
+                            "detail": json.dumps({"min": float(kept.min()),
+                                               "rank": config["readout"]["shortlist_rank"]})})
         edits: list[dict[str, Any]] = []
         if config["verify"]["grid"] != "off" and usable:
             edits, summaries = verify(lm, usable, tokens, scores, ll_scores, config)
