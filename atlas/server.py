@@ -182,6 +182,7 @@ class AtlasService:
         self.max_rows = max_rows
         self.builds: dict[str, BuildState] = {}
         self._write = threading.Lock()
+        self._cursors = threading.Lock()
         # One daemon build thread, builds in submission order: stopping the server stops a build
         # mid-unit without committing it (ingest is transactional), and a re-submit resumes it.
         self._queue: queue.Queue[BuildState | None] = queue.Queue()
@@ -196,9 +197,13 @@ class AtlasService:
         while (state := self._queue.get()) is not None:
             self._run(state)
 
+    def _cursor(self) -> duckdb.DuckDBPyConnection:
+        with self._cursors:  # the parent connection object itself is not thread-safe
+            return self.atlas.con.cursor()
+
     @contextmanager
     def reader(self) -> Iterator[Any]:
-        cursor = self.atlas.con.cursor()
+        cursor = self._cursor()
         try:
             yield _handle(cursor, self.db, read_only=True)
         finally:
@@ -208,7 +213,7 @@ class AtlasService:
     def writer(self, state: BuildState | None = None) -> Iterator[Any]:
         """The builder's open_writer: one ingest at a time, on its own cursor, timed."""
         with self._write:
-            cursor = self.atlas.con.cursor()
+            cursor = self._cursor()
             start = time.time()
             try:
                 yield _handle(cursor, self.db, read_only=False)
