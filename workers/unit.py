@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from atlas import schema
 from atlas.shards import write_shard
 from workers.families import get_family
 from workers.models import LoadedModel
@@ -43,6 +44,12 @@ def run_row(unit: Unit, lm: LoadedModel, status: str, started: datetime, seconds
             "config_hash": unit.config_hash, "code_version": code_version(), "device": lm.device,
             "tokens": tokens, "seconds": seconds, "status": status, "error": error,
             "started_at": started.isoformat(), "finished_at": datetime.now(UTC).isoformat()}
+
+
+def _keys_for(table: str, key: dict[str, Any]) -> dict[str, Any]:
+    """The run_id / model_key columns this table has (concepts has neither, run_metrics no model_key)."""
+    columns = schema.metadata.tables[table].columns
+    return {k: v for k, v in key.items() if k in columns}
 
 
 def _free_memory() -> None:
@@ -80,8 +87,7 @@ def run_unit(lm: LoadedModel, unit: Unit, shard_root: str | Path, max_attempts: 
         config["retried_after"] = errors
     run = run_row(unit, lm, "complete", started, seconds, result.tokens, config)
     key = {"run_id": unit.run_id, "model_key": unit.source.key}
-    tables = {name: [{**key, **row} if name != "concepts" else row for row in rows]
-              for name, rows in result.tables.items()}
+    tables = {name: [{**_keys_for(name, key), **row} for row in rows] for name, rows in result.tables.items()}
     shard = write_shard(shard_root, run, lm.models_row(), tables)
     return UnitResult(unit.run_id, True, shard=str(shard), run=run, model=lm.models_row(),
                       seconds=seconds, tokens=result.tokens)
