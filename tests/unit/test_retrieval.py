@@ -103,7 +103,7 @@ def test_config_validates_and_records_choices(corpus_file) -> None:
         family.config({"corpus": "/no/such/corpus.txt"})
 
 
-def test_family_on_a_tiny_model(tiny_lm, corpus_file) -> None:
+def test_family_on_a_tiny_model(tiny_lm, corpus_file, tmp_path) -> None:
     """Rows for every head, the grid in the config; a random model answers nothing, so n = 0."""
     family = RetrievalFamily()
     config = family.config({"max_context": 256, "retrieval_depths": 3, "retrieval_max_new_tokens": 4,
@@ -119,3 +119,6 @@ def test_family_on_a_tiny_model(tiny_lm, corpus_file) -> None:
     kept = {r["metric"]: r["value"] for r in result.tables["run_metrics"]}["retrieval.tests_kept"]
     assert all(r["n"] == kept for r in rows)
     assert all(r["value"] >= 0.0 for r in rows)
+    from atlas.shards import write_shard  # every table must survive the trip to Parquet
+
+    write_shard(tmp_path, {"run_id": "r"}, {}, result.tables)

@@ -24,6 +24,7 @@ heads drawn from the same layers, as in Wu et al.'s `needle_in_haystack_with_mas
 from __future__ import annotations
 
 import copy
+import json
 import random
 from typing import Any
 
@@ -196,7 +197,8 @@ class RetrievalFamily:
              "detail": {"histogram": distribution(score)}},
         ]
         edits, mask_metrics = self.masking(lm, config, tests, recalls, score) if n else ([], [])
-        return FamilyResult({"head_metrics": rows, "edits": edits, "run_metrics": run_metrics + mask_metrics},
+        run_metrics = [{**m, "detail": json.dumps(m["detail"])} for m in run_metrics + mask_metrics]
+        return FamilyResult({"head_metrics": rows, "edits": edits, "run_metrics": run_metrics},
                             tokens=sum(len(t.ids) for t in tests),
                             extra_config={"grid": grid, "stop_ids": stops, "prompt_used": (
                                 "chat" if config["prompt"] == "chat" and lm.tokenizer.chat_template else "plain")})
