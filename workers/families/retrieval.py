@@ -132,8 +132,8 @@ class RetrievalFamily:
         corpus = load_corpus(options.get("corpus"), options.get("text_field", "text"))
         return {"corpus": options.get("corpus"), "text_field": options.get("text_field", "text"),
                 "corpus_id": corpus.corpus_id, "max_context": max_context,
-                "n_lengths": int(options.get("retrieval_lengths", 2)),
-                "min_length": int(options.get("retrieval_min_length", 512)),
+                "n_lengths": int(options.get("retrieval_lengths", 0)),  # 0: doubling from min_length
+                "min_length": int(options.get("retrieval_min_length", 1024)),
                 "depths": depth_grid(int(options.get("retrieval_depths", 10))),
                 "needles": [n.name for n in NEEDLES],
                 "max_new_tokens": int(options.get("retrieval_max_new_tokens", 40)),
@@ -155,7 +155,13 @@ class RetrievalFamily:
         """Lengths scaled to the model's context (max_position_embeddings) and max_context."""
         model_ctx = getattr(lm.model.config, "max_position_embeddings", None) or config["max_context"]
         longest = min(config["max_context"], int(model_ctx) - config["max_new_tokens"] - 1)
-        return length_grid(longest, config["n_lengths"], min(config["min_length"], longest))
+        if config["n_lengths"]:
+            return length_grid(longest, config["n_lengths"], min(config["min_length"], longest))
+        lengths, x = [], min(config["min_length"], longest)
+        while x < longest:  # 1024, 2048, 4096, ... up to the longest
+            lengths.append(x)
+            x *= 2
+        return [*lengths, longest]
 
     def tests(self, lm: LoadedModel, config: dict[str, Any]) -> list[NeedleTest]:
         corpus = load_corpus(config["corpus"], config["text_field"])
