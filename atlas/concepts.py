@@ -41,14 +41,15 @@ def _check_concept(atlas: Atlas, concept: str) -> None:
 
 
 def concept_heads(atlas: Atlas, concept: str, model: str | None = None, top: int = 10) -> pa.Table:
-    """Heads ranked by explained variance for a concept, per model (rank 1 = most specialized)."""
+    """Heads ranked for a concept, per model (rank 1 = most specialized; score = the run's ranking
+    score, EVR minus a random-dictionary control by default, see the run config)."""
     _check_concept(atlas, concept)
     model_key = resolve_model_key(atlas, model) if model else None
     latest = _latest_runs(model_key)
     stmt = (
         sa.select(models.c.alias.label("model"), scores.c.layer, scores.c.head, heads_view.c.kv_head,
                   sa.func.round(heads_view.c.depth, 3).label("depth"), scores.c.concept,
-                  scores.c.score.label("evr"), scores.c.rank, scores.c.model_key)
+                  scores.c.score.label("score"), scores.c.rank, scores.c.model_key)
         .select_from(scores.join(latest, latest.c.run_id == scores.c.run_id)
                      .join(models, models.c.model_key == scores.c.model_key)
                      .join(heads_view, sa.and_(heads_view.c.model_key == scores.c.model_key,
@@ -83,7 +84,7 @@ def concept_across_models(atlas: Atlas, concept: str, top: int = 5) -> pa.Table:
         mine = sorted((c for c in checks if c["model_key"] == key and c["alpha"] < 1), key=lambda c: c["k"])
         first = mine[0] if mine else {}
         out.append({"model": rows[0]["model"], "top_heads": ", ".join(f"L{r['layer']}.H{r['head']}" for r in rows),
-                    "top_evr": rows[0]["evr"], "mean_depth": round(sum(r["depth"] for r in rows) / len(rows), 3),
+                    "top_score": rows[0]["score"], "mean_depth": round(sum(r["depth"] for r in rows) / len(rows), 3),
                     "k": first.get("k"), "suppress_ratio": first.get("pursuit"),
                     "random_median": first.get("random_median"), "logit_lens": first.get("logit_lens"),
                     "beats_every_random": first.get("beats_every_random"), "model_key": key})

@@ -41,7 +41,12 @@ def test_config_records_choices_and_refuses_bad_input(concept_file: str) -> None
     family = PursuitFamily()
     config = family.config({"concepts": concept_file, "criterion": "l2"})
     assert config["criterion"] == "l2" and [c["name"] for c in config["concepts"]] == ["evens", "odds"]
-    assert "gamma" in config["dictionary"] and config["verify"]["n_random"] == 10
+    assert "gamma" in config["dictionary"] and config["verify"]["n_random"] == 5
+    assert config["ranking"] == "specificity" and config["control"]["dictionaries"] == 2
+    assert stable_hash(config) != stable_hash(family.config({"concepts": concept_file, "criterion": "l2",
+                                                             "ranking": "evr"}))
+    with pytest.raises(BadInput, match="ranking"):
+        family.config({"concepts": concept_file, "ranking": "logits"})
     assert stable_hash(config) != stable_hash(family.config({"concepts": concept_file}))
     with pytest.raises(BadInput, match="criterion"):
         family.config({"concepts": concept_file, "criterion": "max"})
@@ -61,9 +66,16 @@ def test_run_stores_ranks_readout_and_edits(tiny_lm, concept_file: str, criterio
     for name in ("evens", "odds"):
         mine = [r for r in scores if r["concept"] == name]
         assert sorted(r["rank"] for r in mine) == list(range(1, n_layers * n_heads + 1))
-        assert all(0.0 <= r["score"] <= 1.0 + 1e-9 for r in mine)
         ordered = sorted(mine, key=lambda r: r["rank"])
         assert all(a["score"] >= b["score"] for a, b in itertools.pairwise(ordered))
+        evr = {(m["layer"], m["head"]): m["value"] for m in result.tables["head_metrics"]
+               if m["metric"] == f"pursuit.evr.{name}"}
+        ctrl = {(m["layer"], m["head"]): m["value"] for m in result.tables["head_metrics"]
+                if m["metric"] == f"pursuit.evr_control.{name}"}
+        assert len(evr) == len(ctrl) == n_layers * n_heads
+        assert all(0.0 <= v <= 1.0 + 1e-9 for v in (*evr.values(), *ctrl.values()))
+        for r in mine:  # the ranking score is the concept EVR minus the control EVR
+            assert r["score"] == pytest.approx(evr[r["layer"], r["head"]] - ctrl[r["layer"], r["head"]], abs=1e-6)
     readout = result.tables["head_tokens"]
     assert {r["kind"] for r in readout} == {"pursuit"} and len(readout) == 4 * n_layers * n_heads
     edits = result.tables["edits"]

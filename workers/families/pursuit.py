@@ -4,8 +4,12 @@ Per head: its direct write into the residual stream z_h W_O^h, mean-pooled over 
 prompt tokens (BOS excluded); the samples are the training prompts of every concept in the run.
 Per (head, concept): centred SOMP over the concept-restricted dictionary D = W_U diag(gamma) (the
 final-norm gain folded in, rows L2-normalised; `concept_rows`) for T = min(steps, |tokens|) steps.
-The score is the explained variance ratio (EVR) in [0, 1], higher = the head's output varies more
-inside the span of the concept's unembeddings; rank 1 = the most specialized head.
+EVR in [0, 1] = the share of the head's output variance inside the span of the selected atoms.
+The ranking score (default `ranking=specificity`) is EVR(concept) - mean EVR(random dictionaries of
+the same size), in [-1, 1], higher = more concept-specific; rank 1 = the most specialized head. Why:
+on SmolLM2 (tied embeddings) the layer-0 heads reach the same raw EVR on random-token dictionaries as
+on any concept's (0.44 vs 0.46 for animals), so raw EVR ranked them first for every concept. Raw
+EVR and the control EVR are kept in `head_metrics` (`pursuit.evr.<concept>`, `pursuit.evr_control.<concept>`).
 
 Stored: `concept_scores` (EVR and rank per head and concept), `concepts` (the word lists),
 `head_tokens` kind 'pursuit' (each head's top full-vocabulary atoms in selection order, score =
@@ -14,11 +18,13 @@ see `readout`), `edits` and `run_metrics` (the verification, workers/editing.py)
 
 Failure cases: EVR is not comparable across concepts (dictionary sizes differ, and T close to the
 number of concept tokens makes SOMP project onto the whole concept span); a head writing many
-unrelated tokens can score high on a large dictionary; samples are short templated prompts.
+unrelated tokens can score high on a large dictionary (the control corrects for it on average, with
+the noise of a few random draws); samples are short templated prompts.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -37,9 +43,9 @@ from workers.somp import CRITERIA, CovarianceAccumulator, centred, somp_heads
 
 log = logging.getLogger(__name__)
 
-VERIFY_GRIDS = {
-    "small": {"k_fractions": [0.01, 0.02, 0.05], "alphas": [-1.0], "n_random": 10, "max_new_tokens": 12,
-              "loss_windows": 4, "window": 64},
+VERIFY_GRIDS = {  # small: sized for minutes on a laptop CPU; full: the paper's grid (10 random sets)
+    "small": {"k_fractions": [0.01, 0.05], "alphas": [-1.0], "n_random": 5, "max_new_tokens": 8,
+              "loss_windows": 2, "window": 64},
     "full": {"k_fractions": [0.01, 0.02, 0.05], "alphas": [-1.0, 5.0], "n_random": 10, "max_new_tokens": 24,
              "loss_windows": 16, "window": 128},
 }
@@ -48,7 +54,7 @@ VERIFY_GRIDS = {
 class PursuitFamily:
     name = "pursuit"
     version = 1
-    stores = ("concepts", "concept_scores", "head_tokens", "edits", "run_metrics")
+    stores = ("concepts", "concept_scores", "head_metrics", "head_tokens", "edits", "run_metrics")
 
     def config(self, options: dict[str, Any]) -> dict[str, Any]:
         concepts = load_concepts(options.get("concepts"))
@@ -62,6 +68,12 @@ class PursuitFamily:
         steps = int(options.get("steps", 50))
         if steps < 1:
             raise BadInput("SOMP needs at least one step", "pass steps >= 1")
+        ranking = str(options.get("ranking", "specificity"))
+        if ranking not in ("specificity", "evr"):
+            raise BadInput(f"unknown ranking '{ranking}'", "use specificity or evr")
+        n_control = int(options.get("control_dictionaries", 2))
+        if ranking == "specificity" and n_control < 1:
+            raise BadInput("specificity needs at least one control dictionary", "pass control_dictionaries >= 1")
         return {
             "concepts": [c.to_dict() for c in concepts],
             "criterion": criterion,
@@ -70,7 +82,13 @@ class PursuitFamily:
             "variants": "word, Capitalized, lower; each with and without a leading space",
             "multi_token": "words with no single-token variant: out of the dictionary and the mass, "
                            "counted in generations",
-            "samples": "training prompts of every concept in the run, BOS prepended",
+            "samples": "the first samples_per_concept training prompts of every concept in the run, BOS prepended",
+            "samples_per_concept": int(options.get("samples_per_concept", 5)),
+            "ranking": ranking,
+            "score": ("EVR(concept) - mean EVR(control dictionaries)" if ranking == "specificity" else "EVR"),
+            "control": {"dictionaries": n_control if ranking == "specificity" else 0,
+                        "draw": "uniform single token ids from the whole vocabulary, minus the concept's ids, "
+                                "same count as the concept's; seeded by (seed, concept, draw); same T and criterion"},
             "pool": "mean over prompt tokens, BOS excluded",
             "centering": True, "atom_order": "selection",
             "o_proj_bias": "not part of any head (none in Llama/Gemma)",
@@ -97,7 +115,7 @@ class PursuitFamily:
         n_vocab = lm.adapter.unembed.weight.shape[0]
         tokens = {c.name: tokenize_concept(c, lm.tokenizer, n_vocab) for c in concepts}
         usable = [c for c in concepts if tokens[c.name].ids]
-        prompts = [p for c in concepts for p in c.prompts]
+        prompts = [p for c in concepts for p in c.prompts[:config.get("samples_per_concept", len(c.prompts))]]
         t0 = time.perf_counter()
         z, n_tokens = pooled_z(lm, prompts, config["batch"])  # (n, L, H, d_head)
         log.info("pooled %d samples in %.1fs", len(prompts), time.perf_counter() - t0)
@@ -110,17 +128,29 @@ class PursuitFamily:
         gain = final_gain(lm)
         x = centred(flat) if config["criterion"] == "l1" else acc.factor()[0]
 
-        scores, ll_scores, rows = {}, {}, []
+        scores, ll_scores, rows, metric_rows = {}, {}, [], []
+        n_control = config.get("control", {}).get("dictionaries", 0)
         for concept in usable:
             ids = tokens[concept.name].ids
             result = somp_heads(x, w_o, concept_rows(lm, ids, gain), config["steps"], config["criterion"])
             evr = result.final_evr.float().view(n_layers, n_heads)
-            scores[concept.name] = evr
+            control = [somp_heads(x, w_o, concept_rows(lm, ids_, gain), config["steps"], config["criterion"])
+                       .final_evr.float().view(n_layers, n_heads)
+                       for ids_ in control_ids(ids, n_vocab, n_control, f"{config['seed']}:{concept.name}")]
+            ctrl = torch.stack(control).mean(0) if control else None
+            score = evr - ctrl if ctrl is not None and config.get("ranking", "evr") == "specificity" else evr
+            scores[concept.name] = score
             ll_scores[concept.name] = logit_lens_scores(lm, ids, gain, acc.mean.float(), w_o).view(n_layers, n_heads)
-            order = evr.flatten().argsort(descending=True)
+            order = score.flatten().argsort(descending=True)
             for rank, idx in enumerate(order.tolist(), start=1):
                 rows.append({"layer": idx // n_heads, "head": idx % n_heads, "concept": concept.name,
-                             "score": float(evr.flatten()[idx]), "rank": rank})
+                             "score": float(score.flatten()[idx]), "rank": rank})
+            for name, values in (("evr", evr), ("evr_control", ctrl)):
+                if values is None:
+                    continue
+                metric_rows += [{"layer": i // n_heads, "head": i % n_heads, "metric": f"pursuit.{name}.{concept.name}",
+                                 "value": float(v), "n": n, "stderr": None}
+                                for i, v in enumerate(values.flatten().tolist())]
         log.info("ranked %d concepts in %.1fs", len(usable), time.perf_counter() - t0)
         readout_rows, kept = readout(lm, acc, w_o, gain, config["readout"], n_heads)
         log.info("readout done at %.1fs", time.perf_counter() - t0)
@@ -137,11 +167,22 @@ class PursuitFamily:
             run_metrics += summaries
         return FamilyResult(
             tables={"concepts": [{"name": c.name, "words": list(c.words), "source": c.source} for c in concepts],
-                    "concept_scores": rows, "head_tokens": readout_rows, "edits": edits,
+                    "concept_scores": rows, "head_metrics": metric_rows, "head_tokens": readout_rows, "edits": edits,
                     "run_metrics": run_metrics},
             tokens=n_tokens,
             extra_config={"n_samples": n, "concept_tokens": token_info, "bos_token_id": bos_id(lm.tokenizer),
                           "skipped_concepts": [c.name for c in concepts if c not in usable]})
+
+
+def control_ids(ids: list[int], n_vocab: int, n: int, seed: str) -> list[list[int]]:
+    """n random single-token dictionaries of len(ids) ids each, disjoint from ids: the control for
+    what any dictionary of that size explains in a head (a head that copies token embeddings, or
+    whose output is low-rank, explains much of its variance with any set of unembedding rows)."""
+    gen = torch.Generator().manual_seed(int(hashlib.sha256(seed.encode()).hexdigest()[:15], 16))
+    exclude = torch.zeros(n_vocab, dtype=torch.bool)
+    exclude[torch.tensor(ids, dtype=torch.long)] = True
+    pool = (~exclude).nonzero().flatten()
+    return [pool[torch.randperm(len(pool), generator=gen)[:len(ids)]].tolist() for _ in range(n)]
 
 
 def encode_batch(lm: LoadedModel, texts: list[str], side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
