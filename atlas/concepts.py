@@ -94,7 +94,7 @@ def concept_across_models(atlas: Atlas, concept: str, top: int = 5) -> pa.Table:
 def verification(atlas: Atlas, concept: str | None = None, model: str | None = None,
                  metric: str | None = None) -> pa.Table:
     """The editing check per (model, concept, k, alpha, metric): after/before ratios of the pursuit
-    heads, the logit-lens heads and 10 layer-matched random sets (median, IQR, range)."""
+    heads, the logit-lens heads and the layer-matched random sets (median, IQR, range)."""
     model_key = resolve_model_key(atlas, model) if model else None
     latest = _latest_runs(model_key)
     edits = schema.edits
