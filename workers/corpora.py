@@ -9,6 +9,7 @@ like every corpus's.
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import json
 import re
@@ -52,6 +53,7 @@ def _prose_paragraphs(doc: str) -> list[str]:
     return keep
 
 
+@functools.lru_cache(maxsize=4)  # every family's config() asks for it at plan time; parse the stdlib once
 def embedded_corpus(max_chars: int = 400_000) -> Corpus:
     """Prose from stdlib docstrings, deterministic for a given Python version."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
