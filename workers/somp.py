@@ -30,9 +30,9 @@ CRITERIA = ("l1", "l2")
 def _score(p: torch.Tensor, criterion: str) -> torch.Tensor:
     """Selection score per atom: p (..., v, m) -> (..., v)."""
     if criterion == "l1":
-        return p.abs().sum(-1)
+        return torch.linalg.vector_norm(p, ord=1, dim=-1)
     if criterion == "l2":
-        return p.square().sum(-1)
+        return torch.linalg.vector_norm(p, ord=2, dim=-1).square()
     raise ValueError(f"unknown SOMP criterion {criterion!r}; use one of {CRITERIA}")
 
 
@@ -85,33 +85,45 @@ def somp_heads(x: torch.Tensor, w_o: torch.Tensor, dictionary: torch.Tensor, ste
     """
     x, w_o, dictionary = x.double(), w_o.double(), dictionary.double()
     n_heads, _, _ = x.shape
-    shared = dictionary.dim() == 2
-    dh = dictionary.expand(n_heads, *dictionary.shape) if shared else dictionary  # (heads, v, d_model)
-    v, d_model = dh.shape[1], dh.shape[2]
+    shared = dictionary.dim() == 2  # one dictionary for all heads: never expanded (heads x v x d_model)
+    v = dictionary.shape[-2]
     steps = min(steps, v)
-    a = torch.einsum("hvm,hkm->hvk", dh, w_o)  # (heads, v, d_head): D W_O^T
-    p = a @ x.transpose(1, 2)  # (heads, v, m): correlations of every atom with every residual row
+    a = torch.einsum("vm,hkm->hvk" if shared else "hvm,hkm->hvk", dictionary, w_o)  # (heads, v, d_head): D W_O^T
+    p0 = a @ x.transpose(1, 2)  # (heads, v, m): correlations of every atom with every centred output row
+    gram = dictionary @ dictionary.transpose(-1, -2)  # (v, v) or (heads, v, v): atom-atom inner products
     total = ((x @ (w_o @ w_o.transpose(1, 2))) * x).sum((1, 2))  # (heads,) ||X W_O||_F^2
-    q_basis = torch.zeros(n_heads, d_model, steps, dtype=x.dtype)  # orthonormal basis of chosen atoms
+    p = p0.clone()
+    rows = torch.arange(n_heads)
     taken = torch.zeros(n_heads, v, dtype=torch.bool)
     atoms = torch.zeros(n_heads, steps, dtype=torch.long)
+    coef = torch.zeros(n_heads, steps, steps, dtype=x.dtype)  # q_t = sum_s coef[t, s] d_{atoms[s]}
+    g_sel = torch.zeros(n_heads, steps, v, dtype=x.dtype)  # D d_{atoms[s]}: the chosen atoms' gram rows
+    p_sel = torch.zeros(n_heads, steps, p0.shape[2], dtype=x.dtype)  # H_c d_{atoms[s]}
     explained = torch.zeros(n_heads, dtype=x.dtype)
     evr = torch.zeros(n_heads, steps, dtype=x.dtype)
-    rows = torch.arange(n_heads)
     for t in range(steps):
         score = _score(p, criterion).masked_fill(taken, -1.0)  # (heads, v)
         pick = score.argmax(1)  # (heads,)
         atoms[:, t] = pick
         taken[rows, pick] = True
-        atom = dh[rows, pick]  # (heads, d_model)
-        q = atom - torch.einsum("hms,hs->hm", q_basis[:, :, :t], torch.einsum("hms,hm->hs", q_basis[:, :, :t], atom))
-        norm = q.norm(dim=1, keepdim=True)
-        q = torch.where(norm > 1e-10 * atom.norm(dim=1, keepdim=True).clamp_min(1e-30), q / norm.clamp_min(1e-30),
-                        torch.zeros_like(q))
-        q_basis[:, :, t] = q
-        dq = torch.einsum("hvm,hm->hv", dh, q)  # (heads, v)
-        xq = torch.einsum("hmk,hk->hm", x, torch.einsum("hkd,hd->hk", w_o, q))  # (heads, m): H_c q
-        p = p - dq[:, :, None] * xq[:, None, :]
+        g_sel[:, t] = gram[pick] if shared else gram[rows, pick]
+        p_sel[:, t] = p0[rows, pick]
+        # Gram-Schmidt in the chosen atoms' coordinates: nothing in d_model space inside the loop.
+        cross = g_sel[rows, t][:, None, :].expand(-1, t, -1).gather(2, atoms[:, :t, None]).squeeze(2) if t else None
+        c = torch.zeros(n_heads, t + 1, dtype=x.dtype)
+        c[:, t] = 1.0
+        if t:
+            proj = (coef[:, :t, :t] @ cross[:, :, None])[..., 0]  # (heads, t): <q_s, d_new>
+            c[:, :t] -= (proj[:, :, None] * coef[:, :t, :t]).sum(1)
+        sub = g_sel[:, :t + 1].gather(2, atoms[:, None, :t + 1].expand(-1, t + 1, -1))  # (heads, t+1, t+1)
+        norm = (c[:, None, :] @ sub @ c[:, :, None])[:, 0, 0].clamp_min(0.0).sqrt()
+        self_norm = sub[:, t, t].clamp_min(0.0).sqrt()
+        ok = norm > 1e-10 * self_norm.clamp_min(1e-30)  # atom already in the span: contributes nothing
+        c = torch.where(ok[:, None], c / norm.clamp_min(1e-30)[:, None], torch.zeros_like(c))
+        coef[:, t, :t + 1] = c
+        dq = (c[:, None, :] @ g_sel[:, :t + 1])[:, 0]  # (heads, v): D q
+        xq = (c[:, None, :] @ p_sel[:, :t + 1])[:, 0]  # (heads, m): H_c q
+        p.baddbmm_(dq[:, :, None], xq[:, None, :], alpha=-1.0)  # rank-1 residual update, in place
         explained = explained + xq.square().sum(1)
         evr[:, t] = explained / total.clamp_min(1e-300)
     return SompResult(atoms, evr)
