@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from atlas.errors import AtlasError
+from atlas.errors import AtlasError, BadInput
 from cli.output import Format, emit, emit_json, stderr
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
@@ -56,7 +56,10 @@ def build(
     seed: Annotated[int, typer.Option(help="Seed of the built-in probe sets.")] = 0,
     corpus: Annotated[list[str] | None, typer.Option(help="Corpus file or HF dataset; repeatable.")] = None,
     text_field: Annotated[str, typer.Option(help="JSONL field / Parquet column with the text.")] = "text",
-    concepts: Annotated[str | None, typer.Option(help="Comma-separated concepts (pursuit).")] = None,
+    concepts: Annotated[str | None, typer.Option(help="Comma-separated concepts, or a concept file (pursuit).")] = None,
+    criterion: Annotated[str | None, typer.Option(help="SOMP criterion: l1 (per-sample) or l2 (streamed "
+                                                       "covariance) (pursuit).")] = None,
+    verify: Annotated[str | None, typer.Option(help="Editing check grid: small, full or off (pursuit).")] = None,
     ablation: Annotated[str, typer.Option(help="zero, mean or resample (ablation).")] = "mean",
     method: Annotated[str, typer.Option(help="exact, atp or both (ablation).")] = "both",
     max_context: Annotated[int | None, typer.Option(help="Longest haystack in tokens (retrieval).")] = None,
@@ -64,6 +67,8 @@ def build(
     allow_pickle: Annotated[bool, typer.Option(help="Allow pickle checkpoints (.bin).")] = False,
     replicas: Annotated[int, typer.Option(help="Ray actors (model copies) per model.")] = 1,
     gpus_per_actor: Annotated[float | None, typer.Option(help="GPUs per actor: 0.5 packs, 2 spreads.")] = None,
+    option: Annotated[list[str] | None, typer.Option("--option", "-o", help="Any family option as KEY=VALUE "
+                                                     "(n_random=10, readout_atoms=20); repeatable.")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Compute every head's metrics for models and store them in the atlas (resumable).
@@ -75,10 +80,63 @@ def build(
 
     names = list(FAMILIES) if families == "all" else [f.strip() for f in families.split(",") if f.strip()]
     options = _options(seed=seed, corpus=corpus or None, text_field=text_field, concepts=concepts,
-                       ablation=ablation, method=method, max_context=max_context)
+                       ablation=ablation, method=method, max_context=max_context, criterion=criterion,
+                       verify=verify, **_key_values(option or []))
+    _check_used(option or [], names, options)
     run_and_report(model, names, db, options, as_json, device=device, address=address, executor=executor,
                    load_options={"trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle},
                    replicas=replicas, gpus_per_actor=gpus_per_actor)
+
+
+def _key_values(pairs: list[str]) -> dict[str, Any]:
+    """KEY=VALUE strings to options; a VALUE that parses as JSON (10, 0.5, [0.01, 0.05]) is taken as such."""
+    import json
+
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise BadInput(f"--option {pair!r} is not KEY=VALUE", "write it like --option n_random=10")
+        try:
+            out[key.strip()] = json.loads(raw)
+        except ValueError:
+            out[key.strip()] = raw
+    return out
+
+
+def _check_used(pairs: list[str], families: list[str], options: dict[str, Any]) -> None:
+    """Refuse an --option no family in the run reads (a typo would otherwise change nothing, silently)."""
+    if not pairs:
+        return
+    from workers.families import get_family
+
+    seen: set[str] = set()
+
+    class Recording(dict):  # remembers every key a family's config() looks up
+
+        def get(self, key: Any, default: Any = None) -> Any:
+            seen.add(key)
+            return super().get(key, default)
+
+        def __getitem__(self, key: Any) -> Any:
+            seen.add(key)
+            return super().__getitem__(key)
+
+        def __contains__(self, key: object) -> bool:
+            seen.add(str(key))
+            return super().__contains__(key)
+
+    recording = Recording(options)
+    for name in families:
+        try:
+            get_family(name).config(recording)
+        except (TypeError, ValueError) as exc:
+            raise BadInput(f"family '{name}' cannot use the given options: {exc}",
+                           "check each --option value's type (a number, a list in JSON, a word)") from exc
+    for key in _key_values(pairs):
+        if key not in seen:
+            raise BadInput(f"no family in this build ({', '.join(families)}) reads the option '{key}'",
+                           "check its spelling against the family's section in the README")
 
 
 def _options(**given: Any) -> dict[str, Any]:

@@ -67,6 +67,12 @@ def test_query_heads_models_commands(tiny_dir: Path, tmp_path: Path) -> None:
     (["build", "--model", "llama", "--families", "nope"], 2, "unknown family"),
     (["query", "DELETE FROM runs"], 2, "only read queries"),
     (["heads", "--metric", "nope"], 3, "no metric 'nope'"),
+    (["build", "--model", "llama", "--families", "pursuit", "-o", "n_randm=3"], 2, "reads the option 'n_randm'"),
+    (["build", "--model", "llama", "--families", "retrieval", "-o", "retrieval_depths=[1]"], 2,
+     "family 'retrieval' cannot use the given options"),
+    (["build", "--model", "llama", "--families", "pursuit", "-o", "steps"], 2, "is not KEY=VALUE"),
+    (["build", "--model", "llama", "--families", "pursuit", "--verify", "huge"], 2, "unknown verification grid"),
+    (["build", "--model", "llama", "--families", "pursuit", "--criterion", "l3"], 2, "unknown SOMP criterion"),
 ])
 def test_bad_input_is_clear_and_leaves_the_atlas_unchanged(tiny_dir: Path, tmp_path: Path, args, code,
                                                            message) -> None:
@@ -77,6 +83,20 @@ def test_bad_input_is_clear_and_leaves_the_atlas_unchanged(tiny_dir: Path, tmp_p
     assert result.exit_code == code, result.output
     assert message in " ".join(result.stderr.split())
     assert db.read_bytes() == before
+
+
+def test_option_flags_reach_the_family_config(tiny_dir: Path, tmp_path: Path) -> None:
+    db = tmp_path / "a.duckdb"
+    result = runner.invoke(app, ["build", "--model", str(tiny_dir), "--families", "patterns", "--db", str(db),
+                                 "--executor", "local", "--json", "-o", "probe_n=3"])
+    assert result.exit_code == 0, result.output
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        rows = con.execute("SELECT config FROM runs WHERE family = 'patterns'").fetchall()
+        configs = [json.loads(c) for (c,) in rows]
+    finally:
+        con.close()
+    assert configs and all(c["n"] == 3 for c in configs)
 
 
 def test_bad_input_creates_no_atlas(tmp_path: Path) -> None:
