@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -43,11 +44,11 @@ from workers.somp import CRITERIA, CovarianceAccumulator, centred, somp_heads
 
 log = logging.getLogger(__name__)
 
-VERIFY_GRIDS = {  # small: sized for minutes on a laptop CPU; full: the paper's grid (10 random sets)
-    "small": {"k_fractions": [0.01, 0.05], "alphas": [-1.0], "n_random": 5, "max_new_tokens": 8,
-              "loss_windows": 2, "window": 64},
+VERIFY_GRIDS = {  # small: the issue's check (k at 1/2/5%, 10 random sets), minutes on a laptop CPU
+    "small": {"k_fractions": [0.01, 0.02, 0.05], "alphas": [-1.0], "n_random": 10, "max_new_tokens": 12,
+              "loss_windows": 4, "window": 64},
     "full": {"k_fractions": [0.01, 0.02, 0.05], "alphas": [-1.0, 5.0], "n_random": 10, "max_new_tokens": 24,
-             "loss_windows": 16, "window": 128},
+             "loss_windows": 16, "window": 128},  # adds enhancement (alpha 5), longer generations and loss
 }
 
 
@@ -121,36 +122,12 @@ class PursuitFamily:
         log.info("pooled %d samples in %.1fs", len(prompts), time.perf_counter() - t0)
         n, n_layers, n_heads, d_head = z.shape
         flat = z.reshape(n, n_layers * n_heads, d_head)
-        w_o = torch.stack([lm.adapter.w_o(layer).detach().float().cpu()
-                           for layer in range(n_layers)]).reshape(n_layers * n_heads, d_head, -1)
+        w_o = stacked_w_o(lm)
         acc = CovarianceAccumulator(n_layers * n_heads, d_head)
         acc.update(flat)
         gain = final_gain(lm)
-        x = centred(flat) if config["criterion"] == "l1" else acc.factor()[0]
-
-        scores, ll_scores, rows, metric_rows = {}, {}, [], []
-        n_control = config.get("control", {}).get("dictionaries", 0)
-        for concept in usable:
-            ids = tokens[concept.name].ids
-            result = somp_heads(x, w_o, concept_rows(lm, ids, gain), config["steps"], config["criterion"])
-            evr = result.final_evr.float().view(n_layers, n_heads)
-            control = [somp_heads(x, w_o, concept_rows(lm, ids_, gain), config["steps"], config["criterion"])
-                       .final_evr.float().view(n_layers, n_heads)
-                       for ids_ in control_ids(ids, n_vocab, n_control, f"{config['seed']}:{concept.name}")]
-            ctrl = torch.stack(control).mean(0) if control else None
-            score = evr - ctrl if ctrl is not None and config.get("ranking", "evr") == "specificity" else evr
-            scores[concept.name] = score
-            ll_scores[concept.name] = logit_lens_scores(lm, ids, gain, acc.mean.float(), w_o).view(n_layers, n_heads)
-            order = score.flatten().argsort(descending=True)
-            for rank, idx in enumerate(order.tolist(), start=1):
-                rows.append({"layer": idx // n_heads, "head": idx % n_heads, "concept": concept.name,
-                             "score": float(score.flatten()[idx]), "rank": rank})
-            for name, values in (("evr", evr), ("evr_control", ctrl)):
-                if values is None:
-                    continue
-                metric_rows += [{"layer": i // n_heads, "head": i % n_heads, "metric": f"pursuit.{name}.{concept.name}",
-                                 "value": float(v), "n": n, "stderr": None}
-                                for i, v in enumerate(values.flatten().tolist())]
+        ranking = rank_concepts(lm, flat, w_o, acc, gain, [(c.name, tokens[c.name].ids) for c in usable], config)
+        scores, ll_scores, rows, metric_rows = ranking.scores, ranking.logit_lens, ranking.rows, ranking.metric_rows
         log.info("ranked %d concepts in %.1fs", len(usable), time.perf_counter() - t0)
         readout_rows, kept = readout(lm, acc, w_o, gain, config["readout"], n_heads)
         log.info("readout done at %.1fs", time.perf_counter() - t0)
@@ -172,6 +149,54 @@ class PursuitFamily:
             tokens=n_tokens,
             extra_config={"n_samples": n, "concept_tokens": token_info, "bos_token_id": bos_id(lm.tokenizer),
                           "skipped_concepts": [c.name for c in concepts if c not in usable]})
+
+
+@dataclass
+class Ranking:
+    scores: dict[str, torch.Tensor]  # concept -> (layers, heads) ranking score
+    logit_lens: dict[str, torch.Tensor]  # concept -> (layers, heads) the logit-lens baseline score
+    rows: list[dict[str, Any]]  # concept_scores rows
+    metric_rows: list[dict[str, Any]]  # head_metrics rows: raw and control EVR
+
+
+def stacked_w_o(lm: LoadedModel) -> torch.Tensor:
+    """Every head's W_O, (layers * heads, d_head, d_model), float32 on the CPU."""
+    a = lm.adapter
+    return torch.stack([a.w_o(layer).detach().float().cpu() for layer in range(a.n_layers)]).reshape(
+        a.n_layers * a.n_heads, a.d_head, -1)
+
+
+def rank_concepts(lm: LoadedModel, flat: torch.Tensor, w_o: torch.Tensor, acc: CovarianceAccumulator,
+                  gain: torch.Tensor, concepts: list[tuple[str, list[int]]], config: dict[str, Any]) -> Ranking:
+    """Every head's score and rank for every concept, from accumulated activations.
+
+    flat: (n, heads, d_head) pooled z (read for criterion l1 only); acc: their covariance (l2)."""
+    n_layers, n_heads = lm.adapter.n_layers, lm.adapter.n_heads
+    n_vocab = lm.adapter.unembed.weight.shape[0]
+    x = centred(flat) if config["criterion"] == "l1" else acc.factor()[0]
+    n_control = config.get("control", {}).get("dictionaries", 0)
+    out = Ranking({}, {}, [], [])
+    for name, ids in concepts:
+        evr = somp_heads(x, w_o, concept_rows(lm, ids, gain), config["steps"], config["criterion"])
+        evr = evr.final_evr.float().view(n_layers, n_heads)
+        control = [somp_heads(x, w_o, concept_rows(lm, ids_, gain), config["steps"], config["criterion"])
+                   .final_evr.float().view(n_layers, n_heads)
+                   for ids_ in control_ids(ids, n_vocab, n_control, f"{config['seed']}:{name}")]
+        ctrl = torch.stack(control).mean(0) if control else None
+        score = evr - ctrl if ctrl is not None and config.get("ranking", "evr") == "specificity" else evr
+        out.scores[name] = score
+        out.logit_lens[name] = logit_lens_scores(lm, ids, gain, acc.mean.float(), w_o).view(n_layers, n_heads)
+        order = score.flatten().argsort(descending=True)
+        for rank, idx in enumerate(order.tolist(), start=1):
+            out.rows.append({"layer": idx // n_heads, "head": idx % n_heads, "concept": name,
+                             "score": float(score.flatten()[idx]), "rank": rank})
+        for metric, values in (("evr", evr), ("evr_control", ctrl)):
+            if values is None:
+                continue
+            out.metric_rows += [{"layer": i // n_heads, "head": i % n_heads, "metric": f"pursuit.{metric}.{name}",
+                                 "value": float(v), "n": acc.n, "stderr": None}
+                                for i, v in enumerate(values.flatten().tolist())]
+    return out
 
 
 def control_ids(ids: list[int], n_vocab: int, n: int, seed: str) -> list[list[int]]:
