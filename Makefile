@@ -5,8 +5,8 @@ PIP := $(VENV)/bin/pip
 # The CPU build of torch 2.13.0 lies on these machines; elsewhere pip fetches it (override TORCH=...).
 TORCH ?= torch==2.13.0
 DB ?= atlas.duckdb
-# Every family but pursuit, whose default build still takes >25 min on 2 cores (issue 4); FAMILIES=all for everything.
-FAMILIES ?= patterns,lens,ablation,retrieval
+# Every family; FAMILIES=patterns,lens for a quick first atlas.
+FAMILIES ?= all
 
 .PHONY: install atlas test lint bench clean
 
