@@ -24,6 +24,7 @@ class ArchitectureAdapter:
     final_norm: str  # dotted path from the root model
     unembed: str  # dotted path from the root model
     conv1d: bool = False  # GPT-2's Conv1D stores W as [in, out]
+    post_attn_norm: str | None = None  # attribute of a block: a norm on the attention output (Gemma 2/3)
 
     def bind(self, model: nn.Module) -> BoundAdapter:
         return BoundAdapter(self, model)
@@ -44,8 +45,8 @@ ADAPTERS: dict[str, ArchitectureAdapter] = {
     "MistralForCausalLM": ArchitectureAdapter("mistral", **_DECODER),
     "Qwen2ForCausalLM": ArchitectureAdapter("qwen2", **_DECODER),
     "Qwen3ForCausalLM": ArchitectureAdapter("qwen3", **_DECODER),
-    "Gemma2ForCausalLM": ArchitectureAdapter("gemma2", **_DECODER),
-    "Gemma3ForCausalLM": ArchitectureAdapter("gemma3", **_DECODER),
+    "Gemma2ForCausalLM": ArchitectureAdapter("gemma2", **_DECODER, post_attn_norm="post_attention_layernorm"),
+    "Gemma3ForCausalLM": ArchitectureAdapter("gemma3", **_DECODER, post_attn_norm="post_attention_layernorm"),
     "Phi3ForCausalLM": ArchitectureAdapter("phi3", **_DECODER),
     "GPT2LMHeadModel": ArchitectureAdapter(
         "gpt2", layers="transformer.h", attention="attn", out_proj="c_proj",
@@ -93,6 +94,14 @@ class BoundAdapter:
     def unembed(self) -> nn.Module:
         return _get(self.model, self.spec.unembed)
 
+    def post_attn_norm(self, layer: int) -> nn.Module | None:
+        """The norm between the attention output and the residual stream, if the architecture has one.
+
+        With it (Gemma 2/3) a head's write is gamma * (z_h W_O^h) / rms(sum over heads): the gain
+        turns directions, the rms is one scalar per token shared by the layer's heads."""
+        name = self.spec.post_attn_norm
+        return getattr(self.blocks[layer], name) if name else None
+
     def kv_head(self, head: int) -> int:
         return head // (self.n_heads // self.n_kv_heads)
 
@@ -117,3 +126,17 @@ class BoundAdapter:
         if z.dim() == 3:
             z = self.split_heads(z)
         return torch.einsum("bphd,hdm->bphm", z, self.w_o(layer))
+
+
+def norm_gain(norm: nn.Module, d_model: int) -> torch.Tensor:
+    """gamma of a norm, (d_model,), read off the module: works for LayerNorm, RMSNorm and Gemma's
+    (1 + w) RMSNorm. A zero-mean, unit-RMS +-1 input x gives norm(x) - norm(0) = gamma * x."""
+    x = torch.ones(d_model)
+    x[1::2] = -1.0
+    if d_model % 2:
+        return norm.weight.detach().float().cpu()
+    param = next(norm.parameters())
+    with torch.inference_mode():
+        probe = torch.stack([x, torch.zeros(d_model)]).to(param.device, param.dtype)
+        out = norm(probe).float().cpu()
+    return (out[0] - out[1]) * x

@@ -41,7 +41,7 @@ def test_config_records_choices_and_refuses_bad_input(concept_file: str) -> None
     family = PursuitFamily()
     config = family.config({"concepts": concept_file, "criterion": "l2"})
     assert config["criterion"] == "l2" and [c["name"] for c in config["concepts"]] == ["evens", "odds"]
-    assert "gamma" in config["dictionary"] and config["verify"]["n_random"] == 5
+    assert "gamma" in config["dictionary"] and config["verify"]["n_random"] == 10
     assert config["ranking"] == "specificity" and config["control"]["dictionaries"] == 2
     assert stable_hash(config) != stable_hash(family.config({"concepts": concept_file, "criterion": "l2",
                                                              "ranking": "evr"}))
@@ -142,3 +142,41 @@ def test_final_gain_reads_gamma_off_the_norm(architecture: str) -> None:
     lm = SimpleNamespace(adapter=adapter_for(architecture).bind(model))
     expected = norm.weight + 1 if architecture.startswith("Gemma") else norm.weight
     torch.testing.assert_close(final_gain(lm), expected.detach(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("architecture", ["LlamaForCausalLM", "Gemma3ForCausalLM"])
+def test_pooled_head_writes_add_up_to_what_the_layer_adds(architecture: str) -> None:
+    """Pooled z through the stacked W_O (Gemma: post-attention gain folded in, per-token 1/rms in the
+    pooling) summed over heads equals the mean of what attention adds to the residual stream."""
+    from types import SimpleNamespace
+
+    from tests.tiny import tiny_tokenizer
+    from workers.adapters import adapter_for
+    from workers.families.pursuit import encode_batch, pooled_z, stacked_w_o
+
+    model = tiny_model(architecture)
+    adapter = adapter_for(architecture).bind(model)
+    for layer in range(adapter.n_layers):  # a non-trivial gain, so a missing fold would show
+        post = adapter.post_attn_norm(layer)
+        if post is not None:
+            with torch.no_grad():
+                post.weight.copy_(torch.linspace(-0.5, 2.0, post.weight.shape[0]))
+    lm = SimpleNamespace(adapter=adapter, model=model, tokenizer=tiny_tokenizer(), device=torch.device("cpu"))
+    texts = ["a b c d", "b c", "d a a b c"]
+    z, _ = pooled_z(lm, texts, batch=2)  # (n, layers, heads, d_head)
+    writes = torch.einsum("nhk,hkd->nd", z.reshape(len(texts), -1, adapter.d_head)[:, :adapter.n_heads],
+                          stacked_w_o(lm)[:adapter.n_heads])  # layer 0, summed over heads
+    ids, mask = encode_batch(lm, texts)
+    added: list[torch.Tensor] = []
+    block = adapter.blocks[0]
+    target = adapter.post_attn_norm(0) or adapter.attention(0)
+    handle = target.register_forward_hook(
+        lambda _m, _a, out: added.append((out[0] if isinstance(out, tuple) else out).detach()))
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    handle.remove()
+    keep = mask.clone().float()
+    keep[:, 0] = 0.0
+    expected = torch.einsum("bt,btd->bd", keep / keep.sum(1, keepdim=True), added[0].float())
+    assert block is not None
+    torch.testing.assert_close(writes, expected, rtol=1e-3, atol=1e-4)

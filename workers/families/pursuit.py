@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from atlas.errors import BadInput
+from workers.adapters import norm_gain
 from workers.concepts import Concept, load_concepts, tokenize_concept
 from workers.corpora import load_corpus
 from workers.families.base import FamilyResult
@@ -91,6 +92,8 @@ class PursuitFamily:
                         "draw": "uniform single token ids from the whole vocabulary, minus the concept's ids, "
                                 "same count as the concept's; seeded by (seed, concept, draw); same T and criterion"},
             "pool": "mean over prompt tokens, BOS excluded",
+            "head_write": "z W_O^h; after a post-attention norm (Gemma 2/3): gamma_post * z W_O^h / rms(attention "
+                          "output) per token, the gain folded into W_O and 1/rms into the pooling weights",
             "centering": True, "atom_order": "selection",
             "o_proj_bias": "not part of any head (none in Llama/Gemma)",
             "logit_lens_score": "mean over samples and concept tokens of (W_U diag(gamma))_j . (z W_O^h)",
@@ -160,10 +163,15 @@ class Ranking:
 
 
 def stacked_w_o(lm: LoadedModel) -> torch.Tensor:
-    """Every head's W_O, (layers * heads, d_head, d_model), float32 on the CPU."""
+    """Every head's W_O into the residual stream, (layers * heads, d_head, d_model), float32 on the CPU;
+    a post-attention norm's gain is folded in (its per-token 1/rms is in the pooled z, `pooled_z`)."""
     a = lm.adapter
-    return torch.stack([a.w_o(layer).detach().float().cpu() for layer in range(a.n_layers)]).reshape(
-        a.n_layers * a.n_heads, a.d_head, -1)
+    out = []
+    for layer in range(a.n_layers):
+        w_o = a.w_o(layer).detach().float().cpu()
+        post = a.post_attn_norm(layer)
+        out.append(w_o * norm_gain(post, a.d_model) if post is not None else w_o)
+    return torch.stack(out).reshape(a.n_layers * a.n_heads, a.d_head, -1)
 
 
 def rank_concepts(lm: LoadedModel, flat: torch.Tensor, w_o: torch.Tensor, acc: CovarianceAccumulator,
@@ -237,7 +245,8 @@ def pooled_z(lm: LoadedModel, texts: list[str], batch: int) -> tuple[torch.Tenso
         layers: dict[int, torch.Tensor] = {}
 
         def pool(layer: int, z: torch.Tensor, layers=layers, weights=weights) -> None:
-            layers[layer] = torch.einsum("bt,bthk->bhk", weights, z.float()).cpu()
+            w = weights * post_norm_scale(lm, layer, z) if lm.adapter.post_attn_norm(layer) is not None else weights
+            layers[layer] = torch.einsum("bt,bthk->bhk", w, z.float()).cpu()
 
         with torch.inference_mode(), edit_z(lm.adapter, pool):
             lm.model(ids.to(lm.device), attention_mask=mask.to(lm.device))
@@ -246,19 +255,17 @@ def pooled_z(lm: LoadedModel, texts: list[str], batch: int) -> tuple[torch.Tenso
     return torch.cat(out), n_tokens
 
 
+def post_norm_scale(lm: LoadedModel, layer: int, z: torch.Tensor) -> torch.Tensor:
+    """1 / rms of the attention output per token, (b, T): the post-attention norm's per-token factor."""
+    proj, norm = lm.adapter.out_proj(layer), lm.adapter.post_attn_norm(layer)
+    out = torch.nn.functional.linear(z.reshape(*z.shape[:2], -1), proj.weight, proj.bias).float()  # no hooks
+    eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-6)))
+    return out.square().mean(-1).add(eps).rsqrt()
+
+
 def final_gain(lm: LoadedModel) -> torch.Tensor:
-    """gamma of the final norm, (d_model,), read off the module: works for LayerNorm, RMSNorm and
-    Gemma's (1 + w) RMSNorm. A zero-mean, unit-RMS +-1 input x gives norm(x) - norm(0) = gamma * x."""
-    norm, d_model = lm.adapter.final_norm, lm.adapter.d_model
-    x = torch.ones(d_model)
-    x[1::2] = -1.0
-    if d_model % 2:
-        return norm.weight.detach().float().cpu()
-    param = next(norm.parameters())
-    with torch.inference_mode():
-        probe = torch.stack([x, torch.zeros(d_model)]).to(param.device, param.dtype)
-        out = norm(probe).float().cpu()
-    return (out[0] - out[1]) * x
+    """gamma of the final norm, (d_model,)."""
+    return norm_gain(lm.adapter.final_norm, lm.adapter.d_model)
 
 
 def _unembed(lm: LoadedModel) -> torch.Tensor:
