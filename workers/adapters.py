@@ -102,6 +102,24 @@ class BoundAdapter:
         name = self.spec.post_attn_norm
         return getattr(self.blocks[layer], name) if name else None
 
+    def w_write(self, layer: int) -> torch.Tensor:
+        """W_O into the residual stream, (n_heads, d_head, d_model): W_O with a post-attention norm's
+        gain folded in; pair it with `write_scale` for that norm's per-token 1/rms."""
+        w_o = self.w_o(layer).detach().float()
+        post = self.post_attn_norm(layer)
+        return w_o if post is None else w_o * norm_gain(post, self.d_model).to(w_o.device)
+
+    def write_scale(self, layer: int, z: torch.Tensor) -> torch.Tensor | None:
+        """The post-attention norm's per-token factor 1 / rms(attention output), (batch, pos); None
+        without such a norm. z: (batch, pos, n_heads, d_head) as the hooks give it."""
+        norm = self.post_attn_norm(layer)
+        if norm is None:
+            return None
+        proj = self.out_proj(layer)
+        out = torch.nn.functional.linear(z.reshape(*z.shape[:2], -1), proj.weight, proj.bias).float()  # no hooks
+        eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-6)))
+        return out.square().mean(-1).add(eps).rsqrt()
+
     def kv_head(self, head: int) -> int:
         return head // (self.n_heads // self.n_kv_heads)
 

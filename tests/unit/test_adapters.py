@@ -41,6 +41,32 @@ def test_head_outputs_sum_to_the_projection(bound) -> None:
         torch.testing.assert_close(total, outputs[layer], rtol=1e-4, atol=1e-5)
 
 
+def test_w_write_and_write_scale_give_what_reaches_the_residual_stream(bound) -> None:
+    """z W_write, scaled per token by write_scale and summed over heads, is what attention adds to
+    the residual stream: the post-attention norm's output (Gemma 2/3), else the projection's."""
+    for layer in range(bound.n_layers):  # a non-trivial post-norm gain, so a missing fold would show
+        post = bound.post_attn_norm(layer)
+        if post is not None:
+            with torch.no_grad():
+                post.weight.copy_(torch.linspace(-0.5, 2.0, post.weight.shape[0]))
+    added: dict[int, torch.Tensor] = {}
+    hooks = [(bound.post_attn_norm(layer) or bound.out_proj(layer)).register_forward_hook(
+        lambda mod, args, out, layer=layer: added.__setitem__(layer, out.detach()))
+        for layer in range(bound.n_layers)]
+    with capture_z(bound) as zs, torch.no_grad():
+        bound.model(_tokens())
+    for hook in hooks:
+        hook.remove()
+    for layer in range(bound.n_layers):
+        z = zs[layer].float()
+        scale = bound.write_scale(layer, z)
+        per_head = torch.einsum("bphk,hkd->bphd", z * (1 if scale is None else scale[..., None, None]),
+                                bound.w_write(layer))
+        bias = bound.b_o(layer) if scale is None else None
+        total = per_head.sum(2) + (bias if bias is not None else 0)
+        torch.testing.assert_close(total, added[layer].float(), rtol=1e-4, atol=1e-5)
+
+
 def test_zeroing_a_head_changes_only_later_layers(bound) -> None:
     tokens = _tokens()
     with torch.no_grad():

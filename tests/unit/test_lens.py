@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.tiny import TINY_CONFIGS, tiny_model, tiny_tokenizer
-from workers.adapters import adapter_for
+from workers.adapters import adapter_for, norm_gain
 from workers.families.lens import (
     LensFamily,
     LensStats,
@@ -48,7 +48,12 @@ def _brute_force(lm: LoadedModel, tokens: torch.Tensor) -> tuple[torch.Tensor, t
     w_u = a.unembed.weight.detach()
     de, dla_sum = [], []
     for layer in range(a.n_layers):
-        out = a.head_outputs(layer, run["z"][layer].flatten(2))[:, 1:-1]  # (B, P, H, d_model)
+        out = a.head_outputs(layer, run["z"][layer].flatten(2))  # (B, T, H, d_model)
+        post = a.post_attn_norm(layer)
+        if post is not None:  # Gemma: each head's share of gamma * attn_out / rms(attn_out)
+            rms = out.sum(2).square().mean(-1).add(post.eps).rsqrt()  # (B, T)
+            out = out * rms[..., None, None] * norm_gain(post, a.d_model)
+        out = out[:, 1:-1]  # (B, P, H, d_model)
         if centred:
             out = out - out.mean(-1, keepdim=True)
         logits = torch.einsum("bphd,vd->bphv", out * gamma, w_u) * s[..., None, None]  # (B, P, H, V)

@@ -86,7 +86,7 @@ def frozen_scale(x: torch.Tensor, y: torch.Tensor, gamma: torch.Tensor, beta: to
 def head_readout_matrix(adapter: BoundAdapter, layer: int, gamma: torch.Tensor,
                         centred: bool) -> torch.Tensor:
     """G = W_O^h C diag(gamma): (n_heads, d_head, d_model); logits = s * z G W_U^T."""
-    return centre(adapter.w_o(layer).detach().float(), centred) * gamma
+    return centre(adapter.w_write(layer), centred) * gamma
 
 
 @contextmanager
@@ -184,6 +184,9 @@ class LensStats:
         dec = torch.empty_like(de)
         for layer in range(a.n_layers):
             z = run["z"][layer][:, 1:-1].float()  # (B, P, H, K)
+            post = a.write_scale(layer, z)  # Gemma 2/3: the post-attention norm's per-token 1/rms
+            if post is not None:
+                z = z * post[..., None, None]
             g = head_readout_matrix(a, layer, self.gamma, self.centred)  # (H, K, d_model)
             target = torch.einsum("bpd,hkd->bphk", u, g)  # next-token rows in head space (B, P, H, K)
             mean_row = torch.einsum("d,hkd->hk", u_mean, g)  # (H, K)

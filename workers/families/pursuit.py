@@ -166,12 +166,8 @@ def stacked_w_o(lm: LoadedModel) -> torch.Tensor:
     """Every head's W_O into the residual stream, (layers * heads, d_head, d_model), float32 on the CPU;
     a post-attention norm's gain is folded in (its per-token 1/rms is in the pooled z, `pooled_z`)."""
     a = lm.adapter
-    out = []
-    for layer in range(a.n_layers):
-        w_o = a.w_o(layer).detach().float().cpu()
-        post = a.post_attn_norm(layer)
-        out.append(w_o * norm_gain(post, a.d_model) if post is not None else w_o)
-    return torch.stack(out).reshape(a.n_layers * a.n_heads, a.d_head, -1)
+    return torch.stack([a.w_write(layer).cpu() for layer in range(a.n_layers)]).reshape(
+        a.n_layers * a.n_heads, a.d_head, -1)
 
 
 def rank_concepts(lm: LoadedModel, flat: torch.Tensor, w_o: torch.Tensor, acc: CovarianceAccumulator,
@@ -245,7 +241,8 @@ def pooled_z(lm: LoadedModel, texts: list[str], batch: int) -> tuple[torch.Tenso
         layers: dict[int, torch.Tensor] = {}
 
         def pool(layer: int, z: torch.Tensor, layers=layers, weights=weights) -> None:
-            w = weights * post_norm_scale(lm, layer, z) if lm.adapter.post_attn_norm(layer) is not None else weights
+            scale = lm.adapter.write_scale(layer, z)  # Gemma 2/3: the post-attention norm's 1/rms
+            w = weights if scale is None else weights * scale
             layers[layer] = torch.einsum("bt,bthk->bhk", w, z.float()).cpu()
 
         with torch.inference_mode(), edit_z(lm.adapter, pool):
@@ -253,14 +250,6 @@ def pooled_z(lm: LoadedModel, texts: list[str], batch: int) -> tuple[torch.Tenso
         out.append(torch.stack([layers[i] for i in range(lm.adapter.n_layers)], dim=1))
         n_tokens += int(mask.sum())
     return torch.cat(out), n_tokens
-
-
-def post_norm_scale(lm: LoadedModel, layer: int, z: torch.Tensor) -> torch.Tensor:
-    """1 / rms of the attention output per token, (b, T): the post-attention norm's per-token factor."""
-    proj, norm = lm.adapter.out_proj(layer), lm.adapter.post_attn_norm(layer)
-    out = torch.nn.functional.linear(z.reshape(*z.shape[:2], -1), proj.weight, proj.bias).float()  # no hooks
-    eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-6)))
-    return out.square().mean(-1).add(eps).rsqrt()
 
 
 def final_gain(lm: LoadedModel) -> torch.Tensor:
