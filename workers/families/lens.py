@@ -121,7 +121,7 @@ def check_corpus(options: dict[str, Any], window: int) -> tuple[str, str]:
 
 class LensFamily:
     name = "lens"
-    version = 1
+    version = 2  # 2: Gemma 2/3 post-attention norm in the head write
     stores = ("head_metrics", "head_tokens")
 
     def config(self, options: dict[str, Any]) -> dict[str, Any]:

@@ -55,7 +55,7 @@ VERIFY_GRIDS = {  # small: the issue's check (k at 1/2/5%, 10 random sets), minu
 
 class PursuitFamily:
     name = "pursuit"
-    version = 1
+    version = 2  # 2: Gemma 2/3 post-attention norm in the head write; specificity ranking
     stores = ("concepts", "concept_scores", "head_metrics", "head_tokens", "edits", "run_metrics")
 
     def config(self, options: dict[str, Any]) -> dict[str, Any]:
