@@ -14,7 +14,9 @@ Two selection criteria (ResiDual's `somp(..., criterion=)`):
 Both run in head space (reference note, section 3): a head's output is H = Z W_O^h, so with
 A_h = D W_O^h^T (v x d_head) the correlations are A_h X^T, where X holds either the centred z
 rows (l1) or the rows of L^T (l2). An orthonormal basis Q of the chosen atoms (Gram-Schmidt)
-turns each refit into a rank-1 update: P <- P - (D q)(X W q)^T. `somp_reference` is the direct
+turns each refit into a rank-1 update: P <- P - (D q)(X W q)^T. Q is kept as coefficients over
+the chosen atoms, so D q and X W q are combinations of the atom-atom Gram rows and of the first
+step's correlations: nothing d_model- or d_head-sized is touched inside the loop. `somp_reference` is the direct
 d-space version with a least-squares refit every step; tests check both give the same atoms.
 """
 
@@ -109,16 +111,18 @@ def somp_heads(x: torch.Tensor, w_o: torch.Tensor, dictionary: torch.Tensor, ste
         g_sel[:, t] = gram[pick] if shared else gram[rows, pick]
         p_sel[:, t] = p0[rows, pick]
         # Gram-Schmidt in the chosen atoms' coordinates: nothing in d_model space inside the loop.
-        cross = g_sel[rows, t][:, None, :].expand(-1, t, -1).gather(2, atoms[:, :t, None]).squeeze(2) if t else None
         c = torch.zeros(n_heads, t + 1, dtype=x.dtype)
         c[:, t] = 1.0
         if t:
+            cross = g_sel[:, t].gather(1, atoms[:, :t])  # (heads, t): <d_{atoms[s]}, d_new>
             proj = (coef[:, :t, :t] @ cross[:, :, None])[..., 0]  # (heads, t): <q_s, d_new>
             c[:, :t] -= (proj[:, :, None] * coef[:, :t, :t]).sum(1)
         sub = g_sel[:, :t + 1].gather(2, atoms[:, None, :t + 1].expand(-1, t + 1, -1))  # (heads, t+1, t+1)
         norm = (c[:, None, :] @ sub @ c[:, :, None])[:, 0, 0].clamp_min(0.0).sqrt()
         self_norm = sub[:, t, t].clamp_min(0.0).sqrt()
-        ok = norm > 1e-10 * self_norm.clamp_min(1e-30)  # atom already in the span: contributes nothing
+        # An atom (numerically) in the span already contributes nothing. The norm comes from a
+        # quadratic form, whose rounding error is ~1e-8 relative in float64: hence 1e-6, not 1e-10.
+        ok = norm > 1e-6 * self_norm.clamp_min(1e-30)
         c = torch.where(ok[:, None], c / norm.clamp_min(1e-30)[:, None], torch.zeros_like(c))
         coef[:, t, :t + 1] = c
         dq = (c[:, None, :] @ g_sel[:, :t + 1])[:, 0]  # (heads, v): D q

@@ -88,3 +88,19 @@ def test_unknown_criterion_is_refused() -> None:
     z, w_o, dictionary = _problem(0)
     with pytest.raises(ValueError, match="criterion"):
         somp_heads(centred(z), w_o, dictionary, steps=2, criterion="max")
+
+
+def test_a_repeated_atom_adds_nothing_and_breaks_nothing() -> None:
+    """Untrained tokens can share one embedding row: the copy must add zero variance, never NaN or EVR > 1."""
+    z, w_o, _ = _problem(4, d_model=8)
+    gen = torch.Generator().manual_seed(3)
+    rows = torch.randn(8, 8, generator=gen, dtype=torch.float64)
+    dictionary = torch.cat([rows, rows[2:3]])  # atom 8 repeats atom 2
+    result = somp_heads(centred(z), w_o, dictionary, steps=9)
+    assert torch.isfinite(result.evr).all()
+    assert (result.gains >= -1e-9).all() and (result.final_evr <= 1 + 1e-9).all()
+    for h in range(result.atoms.shape[0]):
+        picks = result.atoms[h].tolist()
+        second = max(picks.index(2), picks.index(8))
+        assert abs(float(result.gains[h, second])) < 1e-9
+    torch.testing.assert_close(result.final_evr, torch.ones_like(result.final_evr))
