@@ -1,7 +1,8 @@
 """Concept specialization by Head Pursuit (Basile et al., arXiv 2510.21518), with an editing check.
 
-Per head: its direct write into the residual stream z_h W_O^h, mean-pooled over each sample's
-prompt tokens (BOS excluded); the samples are the training prompts of every concept in the run.
+Per head: its direct write into the residual stream z_h W_O^h (through the post-attention norm on
+Gemma 2/3: `BoundAdapter.w_write`, `write_scale`), mean-pooled over each sample's prompt tokens
+(BOS excluded); the samples are the training prompts of every concept in the run.
 Per (head, concept): centred SOMP over the concept-restricted dictionary D = W_U diag(gamma) (the
 final-norm gain folded in, rows L2-normalised; `concept_rows`) for T = min(steps, |tokens|) steps.
 EVR in [0, 1] = the share of the head's output variance inside the span of the selected atoms.
