@@ -79,10 +79,11 @@ def build(
     from workers.families import FAMILIES
 
     names = list(FAMILIES) if families == "all" else [f.strip() for f in families.split(",") if f.strip()]
+    extra = _key_values(option or [])
     options = _options(seed=seed, corpus=corpus or None, text_field=text_field, concepts=concepts,
                        ablation=ablation, method=method, max_context=max_context, criterion=criterion,
-                       verify=verify, **_key_values(option or []))
-    _check_used(option or [], names, options)
+                       verify=verify, **extra)
+    _check_used(set(extra), names, options)
     run_and_report(model, names, db, options, as_json, device=device, address=address, executor=executor,
                    load_options={"trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle},
                    replicas=replicas, gpus_per_actor=gpus_per_actor)
@@ -104,9 +105,9 @@ def _key_values(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def _check_used(pairs: list[str], families: list[str], options: dict[str, Any]) -> None:
+def _check_used(keys: set[str], families: list[str], options: dict[str, Any]) -> None:
     """Refuse an --option no family in the run reads (a typo would otherwise change nothing, silently)."""
-    if not pairs:
+    if not keys:
         return
     from workers.families import get_family
 
@@ -133,10 +134,11 @@ def _check_used(pairs: list[str], families: list[str], options: dict[str, Any]) 
         except (TypeError, ValueError) as exc:
             raise BadInput(f"family '{name}' cannot use the given options: {exc}",
                            "check each --option value's type (a number, a list in JSON, a word)") from exc
-    for key in _key_values(pairs):
-        if key not in seen:
-            raise BadInput(f"no family in this build ({', '.join(families)}) reads the option '{key}'",
-                           "check its spelling against the family's section in the README")
+    unread = sorted(keys - seen)
+    if unread:
+        names = ", ".join(f"'{key}'" for key in unread)
+        raise BadInput(f"no family in this build ({', '.join(families)}) reads the option{'s' * (len(unread) > 1)} "
+                       f"{names}", "check the spelling against the family's section in the README")
 
 
 def _options(**given: Any) -> dict[str, Any]:
