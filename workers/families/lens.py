@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from atlas.errors import BadInput
-from workers.adapters import BoundAdapter
+from workers.adapters import BoundAdapter, norm_gain
 from workers.corpora import EMBEDDED, load_corpus, token_windows
 from workers.families.base import FamilyResult, head_metric_rows
 from workers.hooks import capture_z
@@ -56,8 +56,7 @@ def norm_affine(adapter: BoundAdapter) -> tuple[torch.Tensor, torch.Tensor, bool
     """(gamma (d_model,), beta (d_model,), centre) of the final norm, read from the module itself.
 
     LayerNorm centres and has weight/bias; every RMSNorm variant (Llama's gamma, Gemma's 1 + w)
-    is y = s * gamma * x, so gamma is its output on a vector of ones up to a scalar that the
-    per-position scale absorbs.
+    is y = s * gamma * x with gamma read off the module by `norm_gain`.
     """
     norm = adapter.final_norm
     param = next(norm.parameters())
@@ -66,9 +65,7 @@ def norm_affine(adapter: BoundAdapter) -> tuple[torch.Tensor, torch.Tensor, bool
         gamma = norm.weight.detach() if norm.weight is not None else torch.ones(d, device=param.device)
         beta = norm.bias.detach() if norm.bias is not None else torch.zeros(d, device=param.device)
         return gamma.float(), beta.float(), True
-    with torch.no_grad():
-        gamma = norm(torch.ones(1, d, dtype=param.dtype, device=param.device))[0]
-    return gamma.float(), torch.zeros(d, device=param.device), False
+    return norm_gain(norm, d).to(param.device), torch.zeros(d, device=param.device), False
 
 
 def centre(x: torch.Tensor, on: bool) -> torch.Tensor:
