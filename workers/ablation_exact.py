@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -44,6 +44,11 @@ class Probe:
     metrics: Metrics
     valid: torch.Tensor  # (B, T) bool, real tokens (padding excluded from means)
     counterpart: torch.Tensor | None = None  # (B, T) corrupted tokens for resample; None: roll
+    rows: dict[str, torch.Tensor] = field(default_factory=dict)  # metric -> the batch rows it reads
+
+    def rows_of(self, metric: str) -> torch.Tensor:
+        """The batch rows a metric's per-sequence values come from (all rows unless declared)."""
+        return self.rows.get(metric, torch.arange(self.tokens.shape[0]))
 
 
 @dataclass
@@ -163,14 +168,20 @@ def heads_per_forward(lm: LoadedModel, probe: Probe, budget_bytes: float = 2**29
     return max(1, min(lm.adapter.n_heads, int(budget_bytes // per_copy)))
 
 
+def _empty_effects(n_layers: int, n_heads: int, clean: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """NaN-filled (L, H, n) per metric, n = that metric's own number of sequences."""
+    return {name: torch.full((n_layers, n_heads, len(value)), float("nan")) for name, value in clean.items()}
+
+
 def exact_effects(lm: LoadedModel, probe: Probe, cache: CleanCache, reps: list[torch.Tensor],
                   layers: list[int] | None = None, heads_per_pass: int | None = None
                   ) -> dict[str, torch.Tensor]:
-    """Per-sequence effects metric(ablated) - metric(clean): {name: (L, H, B)} (NaN where not run)."""
+    """Per-sequence effects metric(ablated) - metric(clean): {name: (L, H, n_name)}, n_name the rows
+    the metric reads (a concept's own prompts); NaN where not run."""
     a = lm.adapter
     b = probe.tokens.shape[0]
     chunk = heads_per_pass or heads_per_forward(lm, probe)
-    effects = {name: torch.full((a.n_layers, a.n_heads, b), float("nan")) for name in cache.metrics}
+    effects = _empty_effects(a.n_layers, a.n_heads, cache.metrics)
     for layer in range(a.n_layers) if layers is None else layers:
         for start in range(0, a.n_heads, chunk):
             heads = list(range(start, min(start + chunk, a.n_heads)))
@@ -188,10 +199,10 @@ def exact_effects(lm: LoadedModel, probe: Probe, cache: CleanCache, reps: list[t
 
 def naive_effects(lm: LoadedModel, probe: Probe, cache: CleanCache, reps: list[torch.Tensor],
                   heads: list[tuple[int, int]]) -> dict[str, torch.Tensor]:
-    """The reference: one plain full forward per head. {name: (L, H, B)}, NaN where not run."""
+    """The reference: one plain full forward per head. {name: (L, H, n_name)}, NaN where not run."""
     a = lm.adapter
     b = probe.tokens.shape[0]
-    effects = {name: torch.full((a.n_layers, a.n_heads, b), float("nan")) for name in cache.metrics}
+    effects = _empty_effects(a.n_layers, a.n_heads, cache.metrics)
     for layer, head in heads:
         with torch.inference_mode(), edit_z(a, _stacked_edit(layer, [head], reps[layer], b), [layer]):
             got = probe.metrics(logits_at(lm, probe.tokens, probe.positions).cpu())

@@ -113,7 +113,7 @@ def patterns(record: dict[str, torch.Tensor], q: torch.Tensor, k: torch.Tensor) 
 
 @dataclass
 class AtPResult:
-    z: dict[str, torch.Tensor]  # {metric: (L, H, B)} head-output estimates per sequence
+    z: dict[str, torch.Tensor]  # {metric: (L, H, n)} head-output estimates per sequence the metric reads
     qk: dict[str, torch.Tensor]  # {metric: (L, H, B)} QK-fixed attention-pattern estimates
     qk_linear: dict[str, torch.Tensor]  # {metric: (L, H, B)} the same without the fix (dq.g + dk.g)
 
@@ -187,9 +187,10 @@ def atp_effects(lm: LoadedModel, probe: Probe, reps_fn: Any, mode: str) -> AtPRe
             lin = ((q_new - rec["q"].detach()) * gq[layer]).sum((2, 3))
             lin = lin + ((k_new - rec["k"].detach()) * gk[layer]).sum((2, 3))
             est_lin.append(lin.float().T)
-        out.z[name] = torch.stack(est_z).cpu()
-        out.qk[name] = torch.stack(est_qk).cpu()
-        out.qk_linear[name] = torch.stack(est_lin).cpu()
+        rows = probe.rows_of(name)  # a concept's metric reads only its own prompts; others have zero gradient
+        out.z[name] = torch.stack(est_z).cpu()[..., rows]
+        out.qk[name] = torch.stack(est_qk).cpu()[..., rows]
+        out.qk_linear[name] = torch.stack(est_lin).cpu()[..., rows]
     return out
 
 

@@ -6,8 +6,17 @@ import pytest
 import torch
 
 from atlas.errors import BadInput
-from workers.ablation_exact import MODES, clean_run, counterpart_z, exact_effects, naive_effects, replacements
+from workers.ablation_exact import (
+    MODES,
+    _stacked_edit,
+    clean_run,
+    counterpart_z,
+    exact_effects,
+    naive_effects,
+    replacements,
+)
 from workers.families.ablation import AblationFamily, spearman, top_overlap
+from workers.hooks import edit_z
 
 SMALL = {"ablation_window": 16, "ablation_windows": 3, "ablation_induction_n": 8,
          "ablation_induction_batch": 3, "ablation_ioi_prompts": 6, "concept_prompts": 1}
@@ -113,3 +122,55 @@ def test_build_stores_effects_estimates_and_agreement(tiny_dir, tmp_path, small)
         names = {r["metric"] for r in agreement}
         assert "ablation.agreement.spearman.loss" in names and "ablation.agreement.top10.ioi_logit_diff" in names
         assert all(-1 <= r["value"] <= 10 for r in agreement)
+
+
+@pytest.fixture(scope="module")
+def concept_file(tmp_path_factory):
+    """Three concepts of single-token words of the tiny tokenizer, three prompts each."""
+    path = tmp_path_factory.mktemp("concepts") / "tiny.toml"
+    tables = []
+    for c, start in enumerate((10, 30, 50)):
+        words = ", ".join(f'"w{start + i}"' for i in range(5))
+        prompts = ", ".join(f'"w{(start + 7 * p + 3) % 90} w{(start + p) % 90} w{start + 2 * p + 1}"'
+                            for p in range(3))
+        tables.append(f"[c{c}]\nwords = [{words}]\nprompts = [{prompts}]\nheldout = [\"w{start} w1{c}\"]\n")
+    path.write_text("\n".join(tables))
+    return str(path)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_concept_effects_use_each_concepts_own_prompts(tiny_lm, small, concept_file, mode):
+    """Issue 13: 3 concepts x 3 prompts batched together; each concept's effect is over its own 3 rows."""
+    from workers.atp import atp_effects
+    from workers.concepts import concept_mass, load_concepts, tokenize_concept
+    from workers.families.ablation import concept_probe
+
+    family = AblationFamily()
+    config = family.config({**small, "concepts": concept_file, "concept_prompts": 3})
+    probe, _ = concept_probe(tiny_lm, config)
+    assert probe is not None and probe.tokens.shape[0] == 9
+    cache = clean_run(tiny_lm, probe)
+    counter = counterpart_z(tiny_lm, probe) if mode == "resample" and probe.counterpart is not None else None
+    reps = replacements(mode, probe, cache.z, counter)
+    exact = exact_effects(tiny_lm, probe, cache, reps)
+    est = atp_effects(tiny_lm, probe, lambda z, c: replacements(mode, probe, z, c), mode)
+    a = tiny_lm.adapter
+    for concept in load_concepts(concept_file):
+        name = f"concept.{concept.name}"
+        assert exact[name].shape == (a.n_layers, a.n_heads, 3), "n must be the concept's own prompts"
+        assert est.z[name].shape == (a.n_layers, a.n_heads, 3)
+        assert not exact[name].isnan().any()
+        # The reference: the concept's own prompts alone, one plain forward per head.
+        ids = torch.tensor(tokenize_concept(concept, tiny_lm.tokenizer, a.unembed.weight.shape[0]).ids)
+        own = probe.rows_of(name)
+        for layer, head in ((0, 1), (a.n_layers - 1, 2)):
+            tokens = probe.tokens[own]
+            last = probe.valid[own].sum(1) - 1
+            with torch.inference_mode():
+                clean = concept_mass(tiny_lm.model(tokens).logits[torch.arange(3), last], ids)
+                edit = _stacked_edit(layer, [head], reps[layer][own], 3)
+                with edit_z(a, edit, [layer]):
+                    ablated = concept_mass(tiny_lm.model(tokens).logits[torch.arange(3), last], ids)
+            torch.testing.assert_close(exact[name][layer, head], ablated - clean, rtol=1e-3, atol=1e-6)
+        if mode == "zero":  # AtP is nonzero on the concept's own rows (it was diluted by the others)
+            assert est.z[name].abs().sum() > 0

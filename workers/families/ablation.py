@@ -73,7 +73,8 @@ def induction_probe(lm: LoadedModel, config: dict[str, Any]) -> Probe:
 
 
 def _last_token_probe(name: str, tokens: torch.Tensor, last: torch.Tensor, valid: torch.Tensor,
-                      per_row: Any, counterpart: torch.Tensor | None = None) -> Probe:
+                      per_row: Any, counterpart: torch.Tensor | None = None,
+                      rows: dict[str, torch.Tensor] | None = None) -> Probe:
     """Right-padded prompts whose metrics read each prompt's last real position."""
     positions = torch.unique(last)
     where = torch.searchsorted(positions, last)  # (N,) column of each prompt's last position
@@ -82,7 +83,7 @@ def _last_token_probe(name: str, tokens: torch.Tensor, last: torch.Tensor, valid
         rows = torch.arange(len(last), device=logits.device)
         return per_row(logits[rows, where.to(logits.device)])  # (N, V) -> {name: (n_i,)}
 
-    return Probe(name, tokens, positions, metrics, valid, counterpart)
+    return Probe(name, tokens, positions, metrics, valid, counterpart, rows or {})
 
 
 def ioi_probe(lm: LoadedModel, config: dict[str, Any]) -> tuple[Probe, dict[str, Any]]:
@@ -124,7 +125,8 @@ def concept_probe(lm: LoadedModel, config: dict[str, Any]) -> tuple[Probe | None
         return {f"concept.{name}": concept_mass(logits[groups[name].to(logits.device)], ids[name])
                 for name in ids}
 
-    return _last_token_probe("concepts", tokens, valid.sum(1) - 1, valid, per_row), info
+    rows = {f"concept.{name}": group for name, group in groups.items()}
+    return _last_token_probe("concepts", tokens, valid.sum(1) - 1, valid, per_row, rows=rows), info
 
 
 # -- agreement -----------------------------------------------------------------------------------
