@@ -53,15 +53,15 @@ def build(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     address: Annotated[str | None, typer.Option(help="Ray cluster address; omit to start a local one.")] = None,
     executor: Annotated[str, typer.Option(help="ray, or local (in-process, no Ray).")] = "ray",
-    seed: Annotated[int, typer.Option(help="Seed of the built-in probe sets.")] = 0,
+    seed: Annotated[int | None, typer.Option(help="Seed of the built-in probe sets (default 0).")] = None,
     corpus: Annotated[list[str] | None, typer.Option(help="Corpus file or HF dataset; repeatable.")] = None,
-    text_field: Annotated[str, typer.Option(help="JSONL field / Parquet column with the text.")] = "text",
+    text_field: Annotated[str | None, typer.Option(help="JSONL field / Parquet column with the text.")] = None,
     concepts: Annotated[str | None, typer.Option(help="Comma-separated concepts, or a concept file (pursuit).")] = None,
     criterion: Annotated[str | None, typer.Option(help="SOMP criterion: l1 (per-sample) or l2 (streamed "
                                                        "covariance) (pursuit).")] = None,
     verify: Annotated[str | None, typer.Option(help="Editing check grid: small, full or off (pursuit).")] = None,
-    ablation: Annotated[str, typer.Option(help="zero, mean or resample (ablation).")] = "mean",
-    method: Annotated[str, typer.Option(help="exact, atp or both (ablation).")] = "both",
+    ablation: Annotated[str | None, typer.Option(help="zero, mean (default) or resample (ablation).")] = None,
+    method: Annotated[str | None, typer.Option(help="exact, atp or both (default) (ablation).")] = None,
     max_context: Annotated[int | None, typer.Option(help="Longest haystack in tokens (retrieval).")] = None,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow a repo's own modeling code.")] = False,
     allow_pickle: Annotated[bool, typer.Option(help="Allow pickle checkpoints (.bin).")] = False,
@@ -83,7 +83,6 @@ def build(
     options = _options(seed=seed, corpus=corpus or None, text_field=text_field, concepts=concepts,
                        ablation=ablation, method=method, max_context=max_context, criterion=criterion,
                        verify=verify, **extra)
-    _check_used(set(extra), names, options)
     run_and_report(model, names, db, options, as_json, device=device, address=address, executor=executor,
                    load_options={"trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle},
                    replicas=replicas, gpus_per_actor=gpus_per_actor)
@@ -105,44 +104,9 @@ def _key_values(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
-def _check_used(keys: set[str], families: list[str], options: dict[str, Any]) -> None:
-    """Refuse an --option no family in the run reads (a typo would otherwise change nothing, silently)."""
-    if not keys:
-        return
-    from workers.families import get_family
-
-    seen: set[str] = set()
-
-    class Recording(dict):  # remembers every key a family's config() looks up
-
-        def get(self, key: Any, default: Any = None) -> Any:
-            seen.add(key)
-            return super().get(key, default)
-
-        def __getitem__(self, key: Any) -> Any:
-            seen.add(key)
-            return super().__getitem__(key)
-
-        def __contains__(self, key: object) -> bool:
-            seen.add(str(key))
-            return super().__contains__(key)
-
-    recording = Recording(options)
-    for name in families:
-        try:
-            get_family(name).config(recording)
-        except (TypeError, ValueError) as exc:
-            raise BadInput(f"family '{name}' cannot use the given options: {exc}",
-                           "check each --option value's type (a number, a list in JSON, a word)") from exc
-    unread = sorted(keys - seen)
-    if unread:
-        names = ", ".join(f"'{key}'" for key in unread)
-        raise BadInput(f"no family in this build ({', '.join(families)}) reads the option{'s' * (len(unread) > 1)} "
-                       f"{names}", "check the spelling against the family's section in the README")
-
-
 def _options(**given: Any) -> dict[str, Any]:
-    """Family options from the command line; each family's config() takes what it uses."""
+    """Family options from the command line; workers.options checks them all (names, types, ranges)
+    before anything is planned, whichever door they come through."""
     return {key: value for key, value in given.items() if value is not None}
 
 

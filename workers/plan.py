@@ -30,6 +30,9 @@ class Unit:
 
 def plan(sources: list[ModelSource], families: list[str], options: dict[str, Any],
          dtype: str) -> list[Unit]:
+    from workers.options import validate
+
+    options = validate([get_family(name) for name in families], options)
     units = []
     for source in sources:
         for name in families:

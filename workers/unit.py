@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 import traceback
 from dataclasses import dataclass
@@ -52,6 +53,19 @@ def _keys_for(table: str, key: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in key.items() if k in columns}
 
 
+def first_non_finite(tables: dict[str, list[dict[str, Any]]]) -> str | None:
+    """Where the first NaN or infinity in a unit's rows is ('head_metrics: metric=..., layer=3, head=1,
+    column value = nan'), or None when every number is finite (None values are allowed: 'not measured')."""
+    for table, rows in tables.items():
+        for row in rows:
+            for column, value in row.items():
+                if isinstance(value, float) and not math.isfinite(value):
+                    where = ", ".join(f"{k}={row[k]}" for k in ("metric", "concept", "edit_id", "layer", "head")
+                                      if k in row)
+                    return f"{table}: {where}, column {column} = {value}"
+    return None
+
+
 def _free_memory() -> None:
     import gc
 
@@ -82,6 +96,12 @@ def run_unit(lm: LoadedModel, unit: Unit, shard_root: str | Path, max_attempts: 
         return UnitResult(unit.run_id, False, run=run, model=lm.models_row(), error=error,
                           seconds=seconds)
     seconds = time.perf_counter() - t0
+    bad = first_non_finite(result.tables)
+    if bad is not None:  # a NaN that became the latest value would replace good scores in every view
+        error = (f"non-finite value in {bad}: the unit's result is not stored; check the options "
+                 "(a probe set too small for the metric?) or report it as a bug")
+        run = run_row(unit, lm, "failed", started, seconds, 0, unit.config, error)
+        return UnitResult(unit.run_id, False, run=run, model=lm.models_row(), error=error, seconds=seconds)
     config = {**unit.config, **result.extra_config, "attempts": len(errors) + 1, "batch_divisor": divisor}
     if errors:
         config["retried_after"] = errors

@@ -27,16 +27,17 @@ cancelling effects (false negatives), so confirm its top heads with the exact pa
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from atlas.errors import BadInput
 from workers.ablation_exact import MODES, Probe, clean_run, counterpart_z, exact_effects, replacements
 from workers.families.base import FamilyResult, head_metric_rows
 from workers.models import LoadedModel
+from workers.options import CONCEPTS, CORPUS, SEED, TEXT_FIELD, Option, resolve
 from workers.probes import bos_id, repeated_tokens
 
 METHODS = ("exact", "atp", "both")
@@ -155,27 +156,34 @@ class AblationFamily:
     version = 1
     stores = ("head_metrics", "run_metrics")
 
+    options = (
+        Option("ablation", "str", "mean", "what replaces a head's z", choices=MODES),
+        Option("method", "str", "both", "exact ablation, attribution patching, or both (with their agreement)",
+               choices=METHODS),
+        Option("ablation_window", "int", 64, "tokens per corpus window (loss effect)", min=4, max=131072),
+        Option("ablation_windows", "int", 2, "corpus windows (loss effect)", min=1, max=100_000),
+        Option("ablation_induction_n", "int", 20, "|X| of the BOS + X + X induction probe", min=2, max=4096),
+        Option("ablation_induction_batch", "int", 4, "induction probe sequences", min=1, max=4096),
+        Option("ablation_ioi_prompts", "int", 12, "IOI prompts (logit-difference effect)", min=1, max=100_000),
+        Option("concept_prompts", "int", 2, "prompts per concept (concept-mass effect)", min=1, max=1000),
+        SEED, CORPUS, TEXT_FIELD, CONCEPTS,
+    )
+
     def config(self, options: dict[str, Any]) -> dict[str, Any]:
         from workers.corpora import load_corpus
 
-        mode = options.get("ablation") or "mean"
-        method = options.get("method") or "both"
-        if mode not in MODES:
-            raise BadInput(f"unknown ablation mode '{mode}'", f"use one of: {', '.join(MODES)}")
-        if method not in METHODS:
-            raise BadInput(f"unknown ablation method '{method}'", f"use one of: {', '.join(METHODS)}")
-        corpus = options.get("corpus")
-        text_field = options.get("text_field") or "text"
+        o = resolve(self.options, options)
+        mode, method = o["ablation"], o["method"]
         config = {
-            "ablation": mode, "method": method, "seed": int(options.get("seed") or 0),
-            "corpus": corpus, "text_field": text_field,
-            "corpus_id": load_corpus(corpus, text_field).corpus_id,
-            "window": int(options.get("ablation_window", 64)),
-            "windows": int(options.get("ablation_windows", 2)),
-            "induction_n": int(options.get("ablation_induction_n", 20)),
-            "induction_batch": int(options.get("ablation_induction_batch", 4)),
-            "ioi_prompts": int(options.get("ablation_ioi_prompts", 12)),
-            "concepts": options.get("concepts"), "concept_prompts": int(options.get("concept_prompts", 2)),
+            "ablation": mode, "method": method, "seed": o["seed"],
+            "corpus": o["corpus"], "text_field": o["text_field"],
+            "corpus_id": load_corpus(o["corpus"], o["text_field"]).corpus_id,
+            "window": o["ablation_window"],
+            "windows": o["ablation_windows"],
+            "induction_n": o["ablation_induction_n"],
+            "induction_batch": o["ablation_induction_batch"],
+            "ioi_prompts": o["ablation_ioi_prompts"],
+            "concepts": o["concepts"], "concept_prompts": o["concept_prompts"],
             "node": "z (o_proj input), per head",
             "mean": "over real tokens at positions >= 1; position 0 keeps its clean value",
             "resample": "corpus/induction: the previous sequence of the batch; ioi: ABC counterpart",
@@ -238,8 +246,9 @@ class AblationFamily:
                     if name in exact:
                         truth, guess = exact[name].mean(-1), est.z[name].mean(-1)
                         detail = {"heads": truth.numel(), "mode": mode, "estimate": "ablation.atp"}
+                        rho = spearman(truth, guess)  # undefined (NaN) when either side is constant
                         run_rows.append({"metric": f"ablation.agreement.spearman.{name}",
-                                         "value": spearman(truth, guess), "detail": detail})
+                                         "value": rho if math.isfinite(rho) else None, "detail": detail})
                         run_rows.append({"metric": f"ablation.agreement.top10.{name}",
                                          "value": float(top_overlap(truth, guess)), "detail": detail})
         extra["seconds"] = seconds

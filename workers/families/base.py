@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from workers.models import LoadedModel
+from workers.options import Option
 
 
 @dataclass
@@ -21,6 +22,7 @@ class Family(Protocol):
     name: str
     version: int
     stores: tuple[str, ...]  # the atlas tables it writes
+    options: tuple[Option, ...]  # what a user may set (workers/options.py); checked before planning
 
     def config(self, options: dict[str, Any]) -> dict[str, Any]:
         """The full, explicit config from user options: defaults filled in, hashed into the run id."""

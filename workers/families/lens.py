@@ -46,6 +46,7 @@ from workers.corpora import EMBEDDED, load_corpus, token_windows
 from workers.families.base import FamilyResult, head_metric_rows
 from workers.hooks import capture_z
 from workers.models import LoadedModel
+from workers.options import CORPUS, TEXT_FIELD, Option, resolve
 from workers.probes import bos_id
 
 DEFAULTS = {"window": 128, "windows": 24, "batch": 8, "top_k": 50}
@@ -121,13 +122,21 @@ class LensFamily:
     version = 2  # 2: Gemma 2/3 post-attention norm in the head write
     stores = ("head_metrics", "head_tokens")
 
+    options = (
+        Option("lens_window", "int", DEFAULTS["window"], "tokens per corpus window", min=4, max=131072),
+        Option("lens_windows", "int", DEFAULTS["windows"], "corpus windows read", min=1, max=1_000_000),
+        Option("lens_batch", "int", DEFAULTS["batch"], "windows per forward", min=1, max=4096),
+        Option("lens_top_k", "int", DEFAULTS["top_k"], "promoted and suppressed tokens stored per head",
+               min=1, max=1000),
+        CORPUS, TEXT_FIELD,
+    )
+
     def config(self, options: dict[str, Any]) -> dict[str, Any]:
-        window = int(options.get("lens_window", DEFAULTS["window"]))
-        spec, corpus_id = check_corpus(options, window)
-        return {"corpus": spec, "corpus_id": corpus_id, "text_field": options.get("text_field", "text"),
-                "window": window, "windows": int(options.get("lens_windows", DEFAULTS["windows"])),
-                "batch": int(options.get("lens_batch", DEFAULTS["batch"])),
-                "top_k": int(options.get("lens_top_k", DEFAULTS["top_k"])),
+        o = resolve(self.options, options)
+        window = o["lens_window"]
+        spec, corpus_id = check_corpus(o, window)
+        return {"corpus": spec, "corpus_id": corpus_id, "text_field": o["text_field"],
+                "window": window, "windows": o["lens_windows"], "batch": o["lens_batch"], "top_k": o["lens_top_k"],
                 "bos": "prepend tokenizer BOS (else EOS); windows cut from texts joined by EOS",
                 "positions": "1 .. T-2 of each window (skip BOS; each has a known next token)",
                 "final_norm": "frozen per-position scale from the clean run (y = s gamma C x + beta)",

@@ -25,6 +25,7 @@ import torch
 
 from workers.families.base import FamilyResult, head_metric_rows, scaled_batch
 from workers.models import LoadedModel
+from workers.options import SEED, Option, resolve
 from workers.probes import bos_id, repeated_tokens
 
 METRICS = ("prev_token", "duplicate_token", "induction", "prev_token_tl", "duplicate_token_tl",
@@ -73,9 +74,16 @@ class PatternsFamily:
     version = 1
     stores = ("head_metrics",)
 
+    options = (
+        Option("probe_n", "int", 50, "|X|, the length of the repeated random block (BOS + X + X)", min=2, max=4096),
+        Option("probe_batch", "int", 10, "repeated-token sequences in the probe set", min=1, max=4096),
+        SEED,
+    )
+
     def config(self, options: dict[str, Any]) -> dict[str, Any]:
-        return {"n": int(options.get("probe_n", 50)), "batch": int(options.get("probe_batch", 10)),
-                "seed": int(options.get("seed", 0)), "sampler": "uniform over non-special token ids",
+        o = resolve(self.options, options)
+        return {"n": o["probe_n"], "batch": o["probe_batch"],
+                "seed": o["seed"], "sampler": "uniform over non-special token ids",
                 "bos": "prepend tokenizer BOS (else EOS)", "attn_implementation": "eager"}
 
     def probe_set(self, config: dict[str, Any]) -> str:

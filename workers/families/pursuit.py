@@ -41,6 +41,7 @@ from workers.corpora import load_corpus
 from workers.families.base import FamilyResult
 from workers.hooks import edit_z
 from workers.models import LoadedModel
+from workers.options import CONCEPTS, CORPUS, SEED, TEXT_FIELD, Option, resolve
 from workers.probes import bos_id
 from workers.somp import CRITERIA, CovarianceAccumulator, centred, somp_heads
 
@@ -59,22 +60,41 @@ class PursuitFamily:
     version = 2  # 2: Gemma 2/3 post-attention norm in the head write; specificity ranking
     stores = ("concepts", "concept_scores", "head_metrics", "head_tokens", "edits", "run_metrics")
 
+    options = (
+        CONCEPTS,
+        Option("criterion", "str", "l1", "SOMP criterion: l1 (per sample) or l2 (streamed covariance)",
+               choices=CRITERIA),
+        Option("verify", "str", "small", "editing-check grid: small, full or off", choices=(*VERIFY_GRIDS, "off")),
+        Option("steps", "int", 50, "SOMP steps T per (head, concept)", min=1, max=10_000),
+        Option("ranking", "str", "specificity", "rank by EVR minus control EVR (specificity) or raw EVR",
+               choices=("specificity", "evr")),
+        Option("control_dictionaries", "int", 2, "random-token control dictionaries per concept", min=0, max=100),
+        Option("samples_per_concept", "int", 5, "training prompts per concept pooled into samples", min=1, max=1000),
+        Option("readout_atoms", "int", 10, "full-vocabulary atoms stored per head", min=1, max=1000),
+        Option("readout_rank", "int", 4, "covariance rank kept for the readout shortlist", min=1, max=4096),
+        Option("readout_candidates", "int", 512, "vocabulary shortlist for the readout", min=1, max=1 << 20),
+        Option("batch", "int", 16, "prompts per forward", min=1, max=4096),
+        Option("k_fractions", "floats", None, "editing check: fractions of all heads edited (grid default)",
+               min=1e-6, max=1.0, nullable=True),
+        Option("alphas", "floats", None, "editing check: scales of the edited heads' z (grid default)",
+               min=-100.0, max=100.0, nullable=True),
+        Option("n_random", "int", None, "editing check: layer-matched random head sets (grid default)",
+               min=0, max=1000, nullable=True),
+        Option("max_new_tokens", "int", None, "editing check: greedy tokens generated (grid default)",
+               min=0, max=1024, nullable=True),
+        Option("loss_windows", "int", None, "editing check: corpus windows for the loss side effect (grid default)",
+               min=0, max=100_000, nullable=True),
+        Option("window", "int", None, "editing check: tokens per loss window (grid default)", min=4, max=131072,
+               nullable=True),
+        SEED, CORPUS, TEXT_FIELD,
+    )
+
     def config(self, options: dict[str, Any]) -> dict[str, Any]:
-        concepts = load_concepts(options.get("concepts"))
-        criterion = str(options.get("criterion", "l1"))
-        if criterion not in CRITERIA:
-            raise BadInput(f"unknown SOMP criterion '{criterion}'", f"use one of {', '.join(CRITERIA)}")
-        grid_name = str(options.get("verify", "small"))
-        if grid_name not in (*VERIFY_GRIDS, "off"):
-            raise BadInput(f"unknown verification grid '{grid_name}'", "use small, full or off")
-        corpus = load_corpus(options.get("corpus"), options.get("text_field", "text"))
-        steps = int(options.get("steps", 50))
-        if steps < 1:
-            raise BadInput("SOMP needs at least one step", "pass steps >= 1")
-        ranking = str(options.get("ranking", "specificity"))
-        if ranking not in ("specificity", "evr"):
-            raise BadInput(f"unknown ranking '{ranking}'", "use specificity or evr")
-        n_control = int(options.get("control_dictionaries", 2))
+        o = resolve(self.options, options)
+        concepts = load_concepts(o["concepts"])
+        criterion, grid_name, steps, ranking = o["criterion"], o["verify"], o["steps"], o["ranking"]
+        corpus = load_corpus(o["corpus"], o["text_field"])
+        n_control = o["control_dictionaries"]
         if ranking == "specificity" and n_control < 1:
             raise BadInput("specificity needs at least one control dictionary", "pass control_dictionaries >= 1")
         return {
@@ -86,7 +106,7 @@ class PursuitFamily:
             "multi_token": "words with no single-token variant: out of the dictionary and the mass, "
                            "counted in generations",
             "samples": "the first samples_per_concept training prompts of every concept in the run, BOS prepended",
-            "samples_per_concept": int(options.get("samples_per_concept", 5)),
+            "samples_per_concept": o["samples_per_concept"],
             "ranking": ranking,
             "score": ("EVR(concept) - mean EVR(control dictionaries)" if ranking == "specificity" else "EVR"),
             "control": {"dictionaries": n_control if ranking == "specificity" else 0,
@@ -98,15 +118,14 @@ class PursuitFamily:
             "centering": True, "atom_order": "selection",
             "o_proj_bias": "not part of any head (none in Llama/Gemma)",
             "logit_lens_score": "mean over samples and concept tokens of (W_U diag(gamma))_j . (z W_O^h)",
-            "readout": {"atoms": int(options.get("readout_atoms", 10)), "criterion": "l2",
-                        "shortlist_rank": int(options.get("readout_rank", 4)),
-                        "candidates": int(options.get("readout_candidates", 512))},
-            "verify": {"grid": grid_name, **{key: options.get(key, value)
+            "readout": {"atoms": o["readout_atoms"], "criterion": "l2",
+                        "shortlist_rank": o["readout_rank"], "candidates": o["readout_candidates"]},
+            "verify": {"grid": grid_name, **{key: value if o[key] is None else o[key]
                                               for key, value in VERIFY_GRIDS.get(grid_name, {}).items()}},
-            "seed": int(options.get("seed", 0)),
-            "corpus": options.get("corpus"), "text_field": options.get("text_field", "text"),
+            "seed": o["seed"],
+            "corpus": o["corpus"], "text_field": o["text_field"],
             "corpus_id": corpus.corpus_id,
-            "batch": int(options.get("batch", 16)),
+            "batch": o["batch"],
         }
 
     def probe_set(self, config: dict[str, Any]) -> str:

@@ -36,6 +36,7 @@ from workers.decode_probe import DecodeProbe, attached, mask_map
 from workers.families.base import FamilyResult, head_metric_rows
 from workers.models import LoadedModel
 from workers.needles import NEEDLES, NeedleTest, build_tests, depth_grid, length_grid, rouge1_recall
+from workers.options import CORPUS, SEED, TEXT_FIELD, Option, resolve
 
 
 def stop_ids(tokenizer: Any) -> list[int]:
@@ -122,30 +123,42 @@ class RetrievalFamily:
     version = 1
     stores = ("head_metrics", "edits", "run_metrics")
 
-    def config(self, options: dict[str, Any]) -> dict[str, Any]:
-        from atlas.errors import BadInput
+    options = (
+        Option("max_context", "int", 1024, "longest haystack in tokens (lengths double up to it)",
+               min=256, max=1 << 20),
+        Option("retrieval_lengths", "int", 0, "haystack lengths; 0 doubles from retrieval_min_length", min=0, max=64),
+        Option("retrieval_min_length", "int", 1024, "shortest haystack in tokens", min=64, max=1 << 20),
+        Option("retrieval_depths", "int", 10, "needle depths per length", min=1, max=100),
+        Option("retrieval_max_new_tokens", "int", 40, "tokens decoded per needle test", min=1, max=1024),
+        Option("retrieval_prompt", "str", "chat", "prompt format: the chat template, or plain text",
+               choices=("chat", "plain")),
+        Option("retrieval_mask_k", "int", 10, "top retrieval heads masked in the masking check", min=1, max=100_000),
+        Option("retrieval_mask_seeds", "int", 2, "random head sets in the masking check", min=0, max=100),
+        Option("retrieval_mask_tests", "int", 10, "needle tests in the masking check; 0 skips it", min=0,
+               max=100_000),
+        SEED, CORPUS, TEXT_FIELD,
+    )
 
-        max_context = int(options.get("max_context") or 1024)
-        if max_context < 256:
-            raise BadInput(f"--max-context {max_context} is too short for a haystack",
-                           "use at least 256 tokens")
-        corpus = load_corpus(options.get("corpus"), options.get("text_field", "text"))
-        return {"corpus": options.get("corpus"), "text_field": options.get("text_field", "text"),
+    def config(self, options: dict[str, Any]) -> dict[str, Any]:
+        o = resolve(self.options, options)
+        max_context = o["max_context"]
+        corpus = load_corpus(o["corpus"], o["text_field"])
+        return {"corpus": o["corpus"], "text_field": o["text_field"],
                 "corpus_id": corpus.corpus_id, "max_context": max_context,
-                "n_lengths": int(options.get("retrieval_lengths", 0)),  # 0: doubling from min_length
-                "min_length": int(options.get("retrieval_min_length", 1024)),
-                "depths": depth_grid(int(options.get("retrieval_depths", 10))),
+                "n_lengths": o["retrieval_lengths"],  # 0: doubling from min_length
+                "min_length": o["retrieval_min_length"],
+                "depths": depth_grid(o["retrieval_depths"]),
                 "needles": [n.name for n in NEEDLES],
-                "max_new_tokens": int(options.get("retrieval_max_new_tokens", 40)),
-                "prompt": options.get("retrieval_prompt", "chat"),
+                "max_new_tokens": o["retrieval_max_new_tokens"],
+                "prompt": o["retrieval_prompt"],
                 "keep_if": "rouge1_recall(answer, response) > 0.5 (lowercase alnum unigrams, no stemming)",
                 "hit": "argmax in answer span and prompt[argmax] == generated token",
-                "mask_k": int(options.get("retrieval_mask_k", 10)),
-                "mask_random_seeds": int(options.get("retrieval_mask_seeds", 2)),
-                "mask_max_tests": int(options.get("retrieval_mask_tests", 10)),
+                "mask_k": o["retrieval_mask_k"],
+                "mask_random_seeds": o["retrieval_mask_seeds"],
+                "mask_max_tests": o["retrieval_mask_tests"],
                 "mask_tests": "kept tests at the longest length, evenly spread, at most mask_max_tests",
                 "mask_mode": "query zeroed on decode steps only (uniform attention)",
-                "seed": int(options.get("seed", 0)),
+                "seed": o["seed"],
                 "attn_implementation": "sdpa prefill; decode-step argmax probe (q.K^T, GQA)"}
 
     def probe_set(self, config: dict[str, Any]) -> str:
