@@ -23,6 +23,14 @@ install: $(VENV)/.installed
 atlas: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/atlas build --model llama --families $(FAMILIES) --db $(DB)
 	$(VENV)/bin/atlas roles --model llama --db $(DB)
+	@echo ""
+	@echo "The atlas is in $(DB). Where to look next:"
+	@echo "  $(VENV)/bin/atlas heads --metric induction --top 10 --db $(DB)      # rank heads by any metric"
+	@echo "  $(VENV)/bin/atlas show llama 3.4 --db $(DB)                          # everything about one head"
+	@echo "  $(VENV)/bin/atlas heads --concept colors --model llama --db $(DB)    # Head Pursuit concept ranking"
+	@echo "  $(VENV)/bin/atlas serve --db $(DB)            # browse heads at http://127.0.0.1:8765"
+	@echo "  $(VENV)/bin/atlas compare llama --out report.html --db $(DB)         # HTML report (add models: gemma)"
+	@echo "  $(VENV)/bin/atlas query \"SELECT * FROM head_roles LIMIT 5\" --db $(DB)  # SQL over every metric"
 
 lint: install
 	$(VENV)/bin/ruff check .

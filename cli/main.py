@@ -250,6 +250,9 @@ def models(
 
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not stderr.is_terminal:  # a log or a pipe: no carriage-return progress bars from tqdm (weights, shards)
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     app()
 
 

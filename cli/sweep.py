@@ -19,9 +19,17 @@ from cli.output import Format, emit, emit_json, stderr
 
 
 class BuildProgress:
-    """Progress on stderr: units done and left, throughput and ETA, fed by the driver's events."""
+    """Progress on stderr, fed by the driver's events: a live bar in a terminal; one plain line per unit
+    started and finished when stderr is a log or a pipe (CI, `make atlas > log`)."""
 
     def __enter__(self) -> BuildProgress:
+        self.start = time.perf_counter()
+        self.done = 0
+        self.live = stderr.is_terminal
+        self.families: dict[str, str] = {}
+        if not self.live:
+            self._line("planning and checking options")
+            return self
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -36,13 +44,20 @@ class BuildProgress:
                             TimeRemainingColumn(), console=stderr, transient=False)
         self.bar.start()
         self.task = self.bar.add_task("planning, loading models", total=None, rate="")
-        self.start = time.perf_counter()
-        self.done = 0
         return self
 
+    def _line(self, text: str) -> None:
+        stderr.print(f"[{time.perf_counter() - self.start:7.1f}s] {text}", highlight=False, markup=False,
+                     soft_wrap=True)
+
     def __call__(self, event: str, payload: Any) -> None:
+        if not self.live:
+            self._plain(event, payload)
+            return
         if event == "plan":
             self.bar.update(self.task, total=payload["todo"], description=f"units ({payload['skipped']} done before)")
+        elif event == "start":
+            self.bar.update(self.task, description=f"running {payload.family} on {payload.source.alias or 'model'}")
         elif event == "unit":
             self.done += 1
             minutes = (time.perf_counter() - self.start) / 60
@@ -50,8 +65,27 @@ class BuildProgress:
             self.bar.update(self.task, advance=1, rate=f"{self.done / max(minutes, 1e-9):.1f} units/min",
                             description=f"{state} {payload.run_id}")
 
+    def _plain(self, event: str, payload: Any) -> None:
+        if event == "plan":
+            self.total = payload["todo"]
+            self._line(f"{payload['planned']} units planned, {payload['skipped']} already done, "
+                       f"{payload['todo']} to run" + ("; loading the model" if payload["todo"] else ""))
+        elif event == "start":
+            self.families[payload.run_id] = f"{payload.family} on {payload.source.alias or payload.source.key}"
+            self._line(f"started  {self.families[payload.run_id]} ({payload.run_id})")
+        elif event == "unit":
+            self.done += 1
+            what = self.families.get(payload.run_id, payload.run_id)
+            if payload.ok:
+                self._line(f"finished {what} in {payload.seconds:.1f} s, {payload.rows} rows "
+                           f"[{self.done}/{self.total}]")
+            else:
+                first = (payload.error or "unknown error").splitlines()[0]
+                self._line(f"FAILED   {what} after {payload.seconds:.1f} s: {first} [{self.done}/{self.total}]")
+
     def __exit__(self, *exc: object) -> None:
-        self.bar.stop()
+        if self.live:
+            self.bar.stop()
 
 
 def run_and_report(models: list[str], families: list[str], db: Path, options: dict[str, Any], as_json: bool,

@@ -64,7 +64,7 @@ class BuildReport:
     tokens: int = 0
 
 
-Progress = Callable[[str, Any], None]  # (event, payload): "plan" dict, "unit" UnitResult
+Progress = Callable[[str, Any], None]  # (event, payload): "plan" dict, "start" Unit, "unit" UnitResult
 Writer = Callable[[], AbstractContextManager[Atlas]]
 
 
@@ -136,7 +136,7 @@ def build(models: list[str], families: list[str], db: str | Path, *, device: str
         try:
             status.mark([u.run_id for u in todo], "running")
             by_id = {u.run_id: u for u in todo}
-            for result in runner.run(todo, root):
+            for result in runner.run(todo, root, lambda unit: notify("start", unit)):
                 _ingest(writer, by_id[result.run_id], result, report)
                 status.mark([result.run_id], "complete" if result.ok else "failed", result.error)
                 notify("unit", result)

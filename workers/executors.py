@@ -4,7 +4,7 @@ Both yield results as units finish, so the driver can ingest while work goes on.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -12,9 +12,11 @@ from workers.models import LoadedModel, load
 from workers.plan import Unit
 from workers.unit import UnitResult, run_unit
 
+Started = Callable[[Unit], None]  # told when a unit starts running (progress lines)
+
 
 class Executor(Protocol):
-    def run(self, units: list[Unit], shard_root: Path) -> Iterator[UnitResult]: ...
+    def run(self, units: list[Unit], shard_root: Path, started: Started | None = None) -> Iterator[UnitResult]: ...
 
     def close(self) -> None: ...
 
@@ -32,9 +34,12 @@ class InProcessExecutor:
             self.loaded[unit.source.key] = load(unit.source, self.device, **self.load_options)
         return self.loaded[unit.source.key]
 
-    def run(self, units: list[Unit], shard_root: Path) -> Iterator[UnitResult]:
+    def run(self, units: list[Unit], shard_root: Path, started: Started | None = None) -> Iterator[UnitResult]:
         for unit in units:
-            yield run_unit(self.model(unit), unit, shard_root)
+            lm = self.model(unit)
+            if started:
+                started(unit)
+            yield run_unit(lm, unit, shard_root)
 
     def close(self) -> None:
         self.loaded.clear()

@@ -94,7 +94,7 @@ class RayExecutor:
         self.actors.append(actor)
         return actor
 
-    def run(self, units: list[Unit], shard_root: Path) -> Iterator[UnitResult]:
+    def run(self, units: list[Unit], shard_root: Path, started: Any = None) -> Iterator[UnitResult]:
         queues: dict[str, deque[Unit]] = {}
         sources: dict[str, ModelSource] = {}
         for unit in units:
@@ -108,6 +108,8 @@ class RayExecutor:
             if queues[key]:
                 unit = queues[key].popleft()
                 pending[actor.run_unit.remote(unit, str(shard_root))] = (actor, unit)
+                if started:  # one unit at a time per actor: dispatched is started
+                    started(unit)
 
         for key, queue in queues.items():
             for _ in range(min(self.replicas, len(queue))):

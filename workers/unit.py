@@ -36,6 +36,7 @@ class UnitResult:
     error: str | None = None
     seconds: float = 0.0
     tokens: int = 0
+    rows: int = 0  # rows in the shard, over every table
 
 
 def run_row(unit: Unit, lm: LoadedModel, status: str, started: datetime, seconds: float,
@@ -110,4 +111,4 @@ def run_unit(lm: LoadedModel, unit: Unit, shard_root: str | Path, max_attempts: 
     tables = {name: [{**_keys_for(name, key), **row} for row in rows] for name, rows in result.tables.items()}
     shard = write_shard(shard_root, run, lm.models_row(), tables)
     return UnitResult(unit.run_id, True, shard=str(shard), run=run, model=lm.models_row(),
-                      seconds=seconds, tokens=result.tokens)
+                      seconds=seconds, tokens=result.tokens, rows=sum(len(rows) for rows in tables.values()))
