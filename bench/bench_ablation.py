@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from workers.ablation_exact import clean_run, counterpart_z, exact_effects, logits_at, naive_effects, replacements
+from workers.ablation_exact import clean_run, counterpart_z, exact_effects, naive_effects, replacements
 from workers.atp import atp_effects
 from workers.families.ablation import AblationFamily, spearman, top_overlap
 from workers.models import load, resolve
@@ -29,7 +29,7 @@ def _forward_seconds(lm, probe, repeats: int = 3) -> float:
     for _ in range(repeats):
         t0 = time.perf_counter()
         with torch.inference_mode():
-            logits_at(lm, probe.tokens, probe.positions)
+            probe.logits(lm)
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -40,7 +40,7 @@ def flop_model(lm, probe) -> tuple[float, float, float]:
     a = lm.adapter
     b, t = probe.tokens.shape
     layer = [sum(p.numel() for p in block.parameters()) * b * t for block in a.blocks]
-    head = a.unembed.weight.numel() * b * len(probe.positions)
+    head = a.unembed.weight.numel() * b * probe.n_positions
     full = sum(layer) + head
     fast = full + sum(a.n_heads * (sum(layer[i:]) + head) for i in range(a.n_layers))
     return fast / full, a.n_layers * a.n_heads, 3.0
@@ -87,7 +87,7 @@ def main() -> None:
         est = atp_effects(lm, probe, lambda z, c, _p=probe: replacements(args.ablation, _p, z, c), args.ablation)
         t_atp = time.perf_counter() - t0
         shape = tuple(probe.tokens.shape)
-        print(f"\n[{probe.name}] batch {shape[0]} x {shape[1]} tokens, {len(probe.positions)} logit positions; "
+        print(f"\n[{probe.name}] batch {shape[0]} x {shape[1]} tokens, {probe.n_positions} logit positions per row; "
               f"one clean forward {fwd * 1000:.0f} ms", flush=True)
         print(f"  exact fast path, all {a.n_layers * a.n_heads} heads: {t_fast / fwd:7.1f} forward equivalents")
         print(f"  naive loop (1 full forward/head, {len(heads)} heads timed, scaled): "

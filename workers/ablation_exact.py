@@ -40,11 +40,24 @@ class Probe:
 
     name: str
     tokens: torch.Tensor  # (B, T) long
-    positions: torch.Tensor  # (P,) long, logit positions the metrics read
+    positions: torch.Tensor  # (P,) long, logit positions the metrics read; per_row: (B,), row i's own
     metrics: Metrics
     valid: torch.Tensor  # (B, T) bool, real tokens (padding excluded from means)
     counterpart: torch.Tensor | None = None  # (B, T) corrupted tokens for resample; None: roll
     rows: dict[str, torch.Tensor] = field(default_factory=dict)  # metric -> the batch rows it reads
+    per_row: bool = False  # positions holds one position per row (last-token metrics): logits (B, 1, V)
+
+    @property
+    def n_positions(self) -> int:
+        """Logit positions computed per row."""
+        return 1 if self.per_row else len(self.positions)
+
+    def logits(self, lm: LoadedModel, copies: int = 1) -> torch.Tensor:
+        """Logits of the probe's tokens (stacked `copies` times) where its metrics read them."""
+        tokens = self.tokens.repeat(copies, 1) if copies > 1 else self.tokens
+        if self.per_row:
+            return logits_per_row(lm, tokens, self.positions.repeat(copies))
+        return logits_at(lm, tokens, self.positions)
 
     def rows_of(self, metric: str) -> torch.Tensor:
         """The batch rows a metric's per-sequence values come from (all rows unless declared)."""
@@ -61,6 +74,23 @@ class CleanCache:
 def logits_at(lm: LoadedModel, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Logits at the given positions only: (B, P, V) float32."""
     out = lm.model(tokens.to(lm.device), logits_to_keep=positions.to(lm.device), use_cache=False)
+    return out.logits.float()
+
+
+def logits_per_row(lm: LoadedModel, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Logits at one position per row, (B, 1, V) float32: only those B hidden states reach the
+    unembedding (a last-token metric over prompts of different lengths needs B, not B x P)."""
+    index = positions.to(lm.device)
+
+    def pick(module: nn.Module, args: tuple) -> tuple:
+        hidden = args[0]  # (B, T, d_model): the final norm's output at every position
+        return (hidden[torch.arange(hidden.shape[0], device=hidden.device), index][:, None], *args[1:])
+
+    handle = lm.model.get_output_embeddings().register_forward_pre_hook(pick)
+    try:  # logits_to_keep=0 hands every position to the unembedding, where `pick` keeps one per row
+        out = lm.model(tokens.to(lm.device), logits_to_keep=0, use_cache=False)
+    finally:
+        handle.remove()
     return out.logits.float()
 
 
@@ -82,7 +112,7 @@ def clean_run(lm: LoadedModel, probe: Probe) -> CleanCache:
 
     try:
         with torch.inference_mode(), edit_z(lm.adapter, grab):
-            logits = logits_at(lm, probe.tokens, probe.positions)
+            logits = probe.logits(lm)
     finally:
         for handle in handles:
             handle.remove()
@@ -164,7 +194,7 @@ def heads_per_forward(lm: LoadedModel, probe: Probe, budget_bytes: float = 2**29
     """How many head copies fit one stacked forward, by the size of the kept logits."""
     b = probe.tokens.shape[0]
     vocab = lm.adapter.unembed.weight.shape[0]
-    per_copy = b * len(probe.positions) * vocab * 4 * 2  # logits plus their float copy
+    per_copy = b * probe.n_positions * vocab * 4 * 2  # logits plus their float copy
     return max(1, min(lm.adapter.n_heads, int(budget_bytes // per_copy)))
 
 
@@ -189,7 +219,7 @@ def exact_effects(lm: LoadedModel, probe: Probe, cache: CleanCache, reps: list[t
             resid = cache.resid[layer].repeat(c, 1, 1)  # (c*B, T, d_model)
             with (torch.inference_mode(), resumed_at(lm, layer, resid),
                   edit_z(a, _stacked_edit(layer, heads, reps[layer], b), [layer])):
-                logits = logits_at(lm, probe.tokens.repeat(c, 1), probe.positions).cpu()
+                logits = probe.logits(lm, copies=c).cpu()
             for j, head in enumerate(heads):
                 got = probe.metrics(logits[j * b:(j + 1) * b])
                 for name, value in got.items():
@@ -205,7 +235,7 @@ def naive_effects(lm: LoadedModel, probe: Probe, cache: CleanCache, reps: list[t
     effects = _empty_effects(a.n_layers, a.n_heads, cache.metrics)
     for layer, head in heads:
         with torch.inference_mode(), edit_z(a, _stacked_edit(layer, [head], reps[layer], b), [layer]):
-            got = probe.metrics(logits_at(lm, probe.tokens, probe.positions).cpu())
+            got = probe.metrics(probe.logits(lm).cpu())
         for name, value in got.items():
             effects[name][layer, head] = value - cache.metrics[name]
     return effects

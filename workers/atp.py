@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from workers.ablation_exact import Probe, logits_at
+from workers.ablation_exact import Probe
 from workers.models import LoadedModel
 
 TAP = "atlas_tap"
@@ -159,7 +159,7 @@ def atp_effects(lm: LoadedModel, probe: Probe, reps_fn: Any, mode: str) -> AtPRe
     tap = Tap()
     try:
         with torch.enable_grad(), tapped(lm, tap):
-            metrics = probe.metrics(logits_at(lm, probe.tokens, probe.positions))
+            metrics = probe.metrics(probe.logits(lm))
     finally:
         for h in hooks:
             h.remove()
@@ -202,7 +202,7 @@ def exact_pattern_effects(lm: LoadedModel, probe: Probe, mode: str, heads: list[
     """
     clean_tap = Tap()
     with torch.inference_mode(), tapped(lm, clean_tap):
-        clean = probe.metrics(logits_at(lm, probe.tokens, probe.positions).cpu())
+        clean = probe.metrics(probe.logits(lm).cpu())
     counter = None
     if mode == "resample" and probe.counterpart is not None:
         ctap = Tap()
@@ -214,7 +214,7 @@ def exact_pattern_effects(lm: LoadedModel, probe: Probe, mode: str, heads: list[
         q_new, k_new = _qk_targets(mode, clean_tap.records, counter, layer)
         tap = Tap(patch={layer: ([head], q_new, k_new)})
         with torch.inference_mode(), tapped(lm, tap):
-            got = probe.metrics(logits_at(lm, probe.tokens, probe.positions).cpu())
+            got = probe.metrics(probe.logits(lm).cpu())
         for name, value in got.items():
             out[name].append(value - clean[name])
     return {name: torch.stack(values) for name, values in out.items()}

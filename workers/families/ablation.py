@@ -76,15 +76,13 @@ def induction_probe(lm: LoadedModel, config: dict[str, Any]) -> Probe:
 def _last_token_probe(name: str, tokens: torch.Tensor, last: torch.Tensor, valid: torch.Tensor,
                       per_row: Any, counterpart: torch.Tensor | None = None,
                       rows: dict[str, torch.Tensor] | None = None) -> Probe:
-    """Right-padded prompts whose metrics read each prompt's last real position."""
-    positions = torch.unique(last)
-    where = torch.searchsorted(positions, last)  # (N,) column of each prompt's last position
+    """Right-padded prompts whose metrics read each prompt's last real position (only that one
+    position per row goes through the unembedding)."""
 
-    def metrics(logits: torch.Tensor) -> dict[str, torch.Tensor]:  # (N, P, V)
-        rows = torch.arange(len(last), device=logits.device)
-        return per_row(logits[rows, where.to(logits.device)])  # (N, V) -> {name: (n_i,)}
+    def metrics(logits: torch.Tensor) -> dict[str, torch.Tensor]:  # (N, 1, V)
+        return per_row(logits[:, 0])  # (N, V) -> {name: (n_i,)}
 
-    return Probe(name, tokens, positions, metrics, valid, counterpart, rows or {})
+    return Probe(name, tokens, last, metrics, valid, counterpart, rows or {}, per_row=True)
 
 
 def ioi_probe(lm: LoadedModel, config: dict[str, Any]) -> tuple[Probe, dict[str, Any]]:
