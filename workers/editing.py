@@ -65,13 +65,15 @@ def layer_matched_random(selected: Heads, n_layers: int, n_heads: int, rng: rand
     return sorted(chosen)
 
 
-def scale_tensor(settings: Sequence[Heads], alpha: float, n_layers: int, n_heads: int,
+def scale_tensor(settings: Sequence[Heads], alpha: float | Sequence[float], n_layers: int, n_heads: int,
                  repeat: int) -> torch.Tensor:
-    """Per-row head scales, setting-major: (len(settings) * repeat, layers, heads)."""
+    """Per-row head scales, setting-major: (len(settings) * repeat, layers, heads). alpha: one for
+    every setting, or one per setting (settings with different alphas share a forward)."""
+    alphas = [alpha] * len(settings) if isinstance(alpha, int | float) else list(alpha)
     scales = torch.ones(len(settings), n_layers, n_heads)
     for i, heads in enumerate(settings):
         for layer, head in heads:
-            scales[i, layer, head] = alpha
+            scales[i, layer, head] = alphas[i]
     return scales.repeat_interleave(repeat, dim=0)
 
 
@@ -102,10 +104,45 @@ def _chunks(n_rows: int, per_row_bytes: int) -> Iterator[slice]:
         yield slice(start, min(n_rows, start + step))
 
 
+def greedy(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, pad: int
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompts (rows, T): next-token logits after each prompt (rows, vocab) and the greedy
+    continuation (rows, <= max_new_tokens), pad after a row's end-of-sequence token, like
+    `generate(do_sample=False)`. The prompt runs once: its logits are the concept mass's and the
+    first generated token's (generate would prefill the prompt a second time)."""
+    from transformers import DynamicCache
+
+    eos = lm.model.generation_config.eos_token_id
+    stops = torch.tensor([] if eos is None else [eos] if isinstance(eos, int) else list(eos), device=lm.device)
+    cache = DynamicCache(config=lm.model.config)
+    positions = (mask.cumsum(1) - 1).clamp_min(0)
+    out = lm.model(ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
+                   logits_to_keep=1)
+    first = out.logits[:, -1].float()
+    token, last, done = first.argmax(-1), positions[:, -1], torch.zeros(len(ids), dtype=torch.bool, device=lm.device)
+    generated = []
+    for step in range(max_new_tokens):
+        token = torch.where(done, torch.full_like(token, pad), token)
+        generated.append(token)
+        done |= torch.isin(token, stops)
+        if step == max_new_tokens - 1 or bool(done.all()):
+            break
+        mask = torch.cat([mask, mask.new_ones(len(ids), 1)], 1)
+        last = last + 1
+        out = lm.model(token[:, None], attention_mask=mask, position_ids=last[:, None], past_key_values=cache,
+                       use_cache=True)
+        token = out.logits[:, -1].argmax(-1)
+    return first, torch.stack(generated, 1) if generated else ids.new_zeros(len(ids), 0)
+
+
 @torch.inference_mode()
-def measure(lm: LoadedModel, concept: Concept, ids: list[int], settings: Sequence[Heads], alpha: float,
-            windows: torch.Tensor | None, max_new_tokens: int) -> dict[str, list[float]]:
-    """concept_mass, concept_words and corpus_loss for every setting (one list entry per setting)."""
+def measure(lm: LoadedModel, concept: Concept, ids: list[int], settings: Sequence[Heads],
+            alpha: float | Sequence[float], windows: torch.Tensor | CleanWindows | None,
+            max_new_tokens: int) -> dict[str, list[float]]:
+    """concept_mass, concept_words and corpus_loss for every setting (one list entry per setting).
+
+    Every setting x held-out prompt is a row of one batch with its own head scales; alpha is one
+    value or one per setting."""
     n_layers, n_heads, vocab = lm.adapter.n_layers, lm.adapter.n_heads, lm.adapter.unembed.weight.shape[0]
     prompts = list(concept.heldout)
     p = len(prompts)
@@ -116,14 +153,11 @@ def measure(lm: LoadedModel, concept: Concept, ids: list[int], settings: Sequenc
     for part in _chunks(len(rows_ids), vocab * 4 * 2):
         inp, mask = rows_ids[part].to(lm.device), rows_mask[part].to(lm.device)
         with row_scales(lm, scales[part]):
-            logits = lm.model(inp, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp_min(0),
-                              logits_to_keep=1).logits[:, -1]  # (rows, vocab)
-            mass.append(concept_mass(logits, ids_t).cpu())
-            if max_new_tokens:
-                out = lm.model.generate(inp, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                                        pad_token_id=pad, temperature=None, top_p=None, top_k=None)
-                texts = lm.tokenizer.batch_decode(out[:, inp.shape[1]:], skip_special_tokens=True)
-                words += [count_concept_words(t, concept) for t in texts]
+            logits, out = greedy(lm, inp, mask, max_new_tokens, pad)
+        mass.append(concept_mass(logits, ids_t).cpu())
+        if max_new_tokens:
+            texts = lm.tokenizer.batch_decode(out.cpu(), skip_special_tokens=True)
+            words += [count_concept_words(t, concept) for t in texts]
     result = {"concept_mass": torch.cat(mass).view(len(settings), p).mean(1).tolist()}
     if max_new_tokens:
         result["concept_words"] = torch.tensor(words, dtype=torch.float).view(len(settings), p).mean(1).tolist()
@@ -132,21 +166,59 @@ def measure(lm: LoadedModel, concept: Concept, ids: list[int], settings: Sequenc
     return result
 
 
+class CleanWindows:
+    """Corpus windows with their clean block inputs: an edit that starts at layer l changes nothing
+    below it, so its forward resumes from the cached residual at l (workers/ablation_exact.py)."""
+
+    def __init__(self, lm: LoadedModel, windows: torch.Tensor) -> None:
+        from workers.ablation_exact import CleanCache, Probe, clean_run
+
+        self.windows = windows  # (n, T)
+        probe = Probe("loss", windows, torch.arange(windows.shape[1]), lambda logits: {"loss": _ce(logits, windows)},
+                      torch.ones_like(windows, dtype=torch.bool))
+        cache: CleanCache = clean_run(lm, probe)
+        self.resid = cache.resid  # per layer (n, T, d_model)
+        self.loss = float(cache.metrics["loss"].mean())
+
+
+def _ce(logits: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+    """Per-window mean next-token cross-entropy: logits (rows, T, V) over windows (rows, T) -> (rows,)."""
+    vocab = logits.shape[-1]
+    target = windows[:, 1:].to(logits.device)
+    ce = F.cross_entropy(logits[:, :-1].reshape(-1, vocab).float(), target.reshape(-1), reduction="none")
+    return ce.view(target.shape).mean(1).cpu()
+
+
 @torch.inference_mode()
-def corpus_loss(lm: LoadedModel, windows: torch.Tensor, settings: Sequence[Heads], alpha: float) -> list[float]:
-    """Mean next-token cross-entropy on windows (n, T) under each setting: one value per setting."""
-    n, width = windows.shape
-    vocab = lm.adapter.unembed.weight.shape[0]
-    scales = scale_tensor(settings, alpha, lm.adapter.n_layers, lm.adapter.n_heads, n)
-    rows = windows.repeat(len(settings), 1)
-    losses = []
-    for part in _chunks(len(rows), width * vocab * 4):
-        inp = rows[part].to(lm.device)
-        with row_scales(lm, scales[part]):
-            logits = lm.model(inp).logits[:, :-1].float()  # (rows, T-1, vocab)
-        ce = F.cross_entropy(logits.reshape(-1, vocab), inp[:, 1:].reshape(-1), reduction="none")
-        losses.append(ce.view(inp.shape[0], -1).mean(1).cpu())
-    return torch.cat(losses).view(len(settings), n).mean(1).tolist()
+def corpus_loss(lm: LoadedModel, windows: torch.Tensor | CleanWindows, settings: Sequence[Heads],
+                alpha: float | Sequence[float]) -> list[float]:
+    """Mean next-token cross-entropy on windows (n, T) under each setting: one value per setting.
+
+    Settings are grouped by their lowest edited layer; each group's forward resumes there."""
+    from workers.ablation_exact import resumed_at
+
+    clean = windows if isinstance(windows, CleanWindows) else CleanWindows(lm, windows)
+    n, width = clean.windows.shape
+    n_layers, n_heads, vocab = lm.adapter.n_layers, lm.adapter.n_heads, lm.adapter.unembed.weight.shape[0]
+    scales = scale_tensor(settings, alpha, n_layers, n_heads, 1)  # (settings, layers, heads)
+    out = [clean.loss] * len(settings)  # a setting that edits nothing (or scales by 1) is the clean run
+    edited_layers = [(scales[i] != 1).any(1).nonzero().flatten().tolist() for i in range(len(settings))]
+    groups: dict[int, list[int]] = {}
+    for i, layers in enumerate(edited_layers):
+        if layers:
+            groups.setdefault(layers[0], []).append(i)
+    per_setting = max(1, LOGIT_BUDGET // (n * width * vocab * 4))
+    for start, members in sorted(groups.items()):
+        for c in range(0, len(members), per_setting):
+            chunk = members[c:c + per_setting]
+            rows = clean.windows.repeat(len(chunk), 1)
+            resid = clean.resid[start].repeat(len(chunk), 1, 1)
+            with resumed_at(lm, start, resid), row_scales(lm, scales[chunk].repeat_interleave(n, dim=0)):
+                logits = lm.model(rows.to(lm.device), use_cache=False).logits
+            losses = _ce(logits, rows).view(len(chunk), n).mean(1)
+            for i, value in zip(chunk, losses.tolist(), strict=True):
+                out[i] = value
+    return out
 
 
 def verify(lm: LoadedModel, concepts: list[Concept], tokens: dict[str, ConceptTokens],
@@ -161,29 +233,37 @@ def verify(lm: LoadedModel, concepts: list[Concept], tokens: dict[str, ConceptTo
     ks = k_values(n_layers * n_heads, grid["k_fractions"])
     edits: list[dict[str, Any]] = []
     summaries: list[dict[str, Any]] = []
-    base_loss = corpus_loss(lm, windows, [[]], 1.0)[0] if windows is not None else None
+    clean = CleanWindows(lm, windows) if windows is not None else None
     for concept in concepts:
         t0 = time.perf_counter()
-        base = measure(lm, concept, tokens[concept.name].ids, [[]], 1.0, None, grid["max_new_tokens"])
+        picks: list[tuple[int, float, dict[str, Heads]]] = []
+        settings: list[Heads] = [[]]  # setting 0: the unedited model
+        alphas: list[float] = [1.0]
         for k in ks:
+            picked = top_heads(scores[concept.name], k)
+            named: dict[str, Heads] = {"pursuit": picked, "logit-lens": top_heads(ll_scores[concept.name], k)}
+            for draw in range(grid["n_random"]):
+                rng = random.Random(f"{config['seed']}:{concept.name}:{k}:{draw}")
+                named[f"random-{draw}"] = layer_matched_random(picked, n_layers, n_heads, rng)
             for alpha in grid["alphas"]:
-                picked = top_heads(scores[concept.name], k)
-                named: dict[str, Heads] = {"pursuit": picked, "logit-lens": top_heads(ll_scores[concept.name], k)}
-                for draw in range(grid["n_random"]):
-                    rng = random.Random(f"{config['seed']}:{concept.name}:{k}:{draw}")
-                    named[f"random-{draw}"] = layer_matched_random(picked, n_layers, n_heads, rng)
-                after = measure(lm, concept, tokens[concept.name].ids, list(named.values()), alpha, windows,
-                                grid["max_new_tokens"])
-                before = {**{m: v[0] for m, v in base.items()}, "corpus_loss": base_loss}
-                for metric, values in after.items():
-                    for (selection, heads), value in zip(named.items(), values, strict=True):
-                        edits.append({"edit_id": f"{concept.name}:k={k}:alpha={alpha:g}:{selection}:{metric}",
-                                      "concept": concept.name, "k": k, "alpha": alpha, "selection": selection,
-                                      "heads": [list(h) for h in heads], "metric": metric,
-                                      "before": before[metric], "after": value})
-                    summaries.append(summary(concept.name, k, alpha, metric, before[metric],
-                                             dict(zip(named, values, strict=True))))
-        log.info("verified %s in %.1fs", concept.name, time.perf_counter() - t0)
+                picks.append((k, alpha, named))
+                settings += named.values()
+                alphas += [alpha] * len(named)
+        measured = measure(lm, concept, tokens[concept.name].ids, settings, alphas, clean, grid["max_new_tokens"])
+        before = {metric: values[0] for metric, values in measured.items()}
+        at = 1
+        for k, alpha, named in picks:
+            for metric, values in measured.items():
+                after = values[at:at + len(named)]
+                for (selection, heads), value in zip(named.items(), after, strict=True):
+                    edits.append({"edit_id": f"{concept.name}:k={k}:alpha={alpha:g}:{selection}:{metric}",
+                                  "concept": concept.name, "k": k, "alpha": alpha, "selection": selection,
+                                  "heads": [list(h) for h in heads], "metric": metric,
+                                  "before": before[metric], "after": value})
+                summaries.append(summary(concept.name, k, alpha, metric, before[metric],
+                                         dict(zip(named, after, strict=True))))
+            at += len(named)
+        log.info("verified %s (%d settings) in %.1fs", concept.name, len(settings), time.perf_counter() - t0)
     return edits, summaries
 
 

@@ -180,3 +180,36 @@ def test_pooled_head_writes_add_up_to_what_the_layer_adds(architecture: str) -> 
     expected = torch.einsum("bt,btd->bd", keep / keep.sum(1, keepdim=True), added[0].float())
     assert block is not None
     torch.testing.assert_close(writes, expected, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("architecture", ["LlamaForCausalLM", "Gemma3ForCausalLM", "GPT2LMHeadModel"])
+def test_greedy_with_mass_equals_generate(architecture: str, tmp_path) -> None:
+    """One prefill feeds both the concept mass and the continuation; the tokens are generate()'s."""
+    from tests.tiny import save_tiny
+    from workers.editing import _left_padded, greedy
+    from workers.models import load, resolve
+
+    lm = load(resolve(str(save_tiny(tmp_path / "m", architecture))), "cpu")
+    ids, mask, pad = _left_padded(lm, ["w3 w4 w5 w6", "w7", "w8 w9"])
+    with torch.inference_mode():
+        first, out = greedy(lm, ids, mask, 6, pad)
+        want = lm.model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=pad,
+                                 temperature=None, top_p=None, top_k=None)[:, ids.shape[1]:]
+        plain = lm.model(ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp_min(0)).logits[:, -1]
+    assert torch.equal(out, want[:, :out.shape[1]]) and (want[:, out.shape[1]:] == pad).all()
+    torch.testing.assert_close(first, plain, rtol=1e-4, atol=1e-4)
+
+
+def test_resumed_corpus_loss_equals_a_full_forward_per_setting(tiny_lm) -> None:
+    from workers.editing import CleanWindows, corpus_loss
+
+    windows = torch.randint(3, 90, (3, 12), generator=torch.Generator().manual_seed(0))
+    settings = [[], [(2, 1)], [(1, 0), (2, 3)], [(0, 2)], [(2, 0)]]
+    alphas = [1.0, -1.0, 0.0, 5.0, 1.0]  # the last edits nothing: its loss is the clean one
+    got = corpus_loss(tiny_lm, CleanWindows(tiny_lm, windows), settings, alphas)
+    for heads, alpha, value in zip(settings, alphas, got, strict=True):
+        with torch.inference_mode(), scaled(tiny_lm.adapter, heads, alpha):
+            logits = tiny_lm.model(windows).logits[:, :-1]
+        want = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
+        assert value == pytest.approx(float(want), rel=1e-5)
+    assert got[1] != got[0] and got[4] == got[0]
