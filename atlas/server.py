@@ -1,110 +1,85 @@
 """`atlas serve`: the atlas as a service. The server process is the atlas's single writer.
 
 One read-write DuckDB connection lives for the server's lifetime. Every request reads through its
-own cursor (`con.cursor()`, a connection to the same database), so reads see committed data only
-and never wait for a build: ingest runs in short transactions on another cursor (MVCC). Builds are
-submitted through an injected `Builder` (cli/serve.py wires workers.build in), so this module
-imports neither torch nor workers.
+own cursor (`con.cursor()`, a connection to the same database) inside a READ ONLY transaction, so
+reads see committed data only, never write, and never wait for a build: ingest runs in short
+transactions on another cursor (MVCC). The DuckDB instance is sandboxed at start
+(`atlas.store.sandbox`): no file but the atlas, no extensions, no setting changes, whatever SQL a
+client sends. Builds are submitted through an injected `Builder` (cli/serve.py wires workers.build
+in, and with it the directories builds may read), so this module imports neither torch nor workers.
+HTTP concerns (tokens, error bodies) live in atlas/http.py.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import queue
+import re
 import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import duckdb
 import pyarrow as pa
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field
 
 from atlas import queries
 from atlas.errors import AtlasError, BadInput, Busy, NotFound, SchemaMismatch
-from atlas.pages.data import concept_heads, head_card, list_concepts
+from atlas.pages.data import check_index, check_top, concept_heads, exact_model_key, head_card, list_concepts
+from atlas.sql_guard import TooLarge, check_read_only, fetch_bounded, json_safe_relation
+
+__all__ = ["AtlasService", "BuildRequest", "TimedOut", "TooLarge", "TooMany", "create_app", "status_of"]
 
 DEFAULT_SQL_TIMEOUT_S = 5.0
 DEFAULT_MAX_ROWS = 10_000
+DEFAULT_MAX_BYTES = 16 * 2**20  # Arrow bytes of one SQL result; its JSON is a few times that
+DEFAULT_MAX_SQL = 4  # user SQL queries running at once; head cards and pages are not counted
 
-
-class TooLarge(BadInput):
-    """A result over the server's row limit."""
+log = logging.getLogger("atlas.server")
 
 
 class TimedOut(BadInput):
     """A query that ran past the server's time limit (it was interrupted)."""
 
 
-STATUS = {TooLarge: 413, TimedOut: 408, BadInput: 400, NotFound: 404, Busy: 409, SchemaMismatch: 500}
+class TooMany(Busy):
+    """The server is at its limit of concurrent SQL queries or build checks (429)."""
 
 
-# Table functions a read query may call; everything else (read_csv, read_parquet, glob, duckdb_*,
-# ...) could read the server's files or settings, so user SQL sees only the atlas's own relations.
-SAFE_TABLE_FUNCTIONS = {"range", "generate_series", "unnest"}
-UNSAFE_FUNCTIONS = {"getenv", "current_setting", "read_text", "read_blob"}
+class Unauthorized(AtlasError):
+    """No or a wrong bearer token (401); the right token for reads but not for builds (403)."""
+
+    def __init__(self, message: str, hint: str | None = None, status: int = 401) -> None:
+        super().__init__(message, hint)
+        self.status = status
 
 
-def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
-    """One SELECT over the atlas's tables and views only: no writes, no files, no settings."""
-    try:
-        statements = con.extract_statements(sql)
-    except duckdb.Error as exc:
-        raise BadInput(f"the SQL does not parse: {exc}", "check the statement") from exc
-    if len(statements) != 1:
-        raise BadInput(f"expected one SQL statement, got {len(statements)}", "send one SELECT at a time")
-    if statements[0].type != duckdb.StatementType.SELECT:
-        raise BadInput(f"only read queries are allowed, not {statements[0].type.name}",
-                       "the server is the atlas's only writer; submit builds with POST /api/builds")
-    tree = json.loads(con.execute("SELECT json_serialize_sql(?)", [sql]).fetchone()[0])
-    if tree.get("error"):
-        raise BadInput(f"the SQL does not parse: {tree.get('error_message')}", "check the statement")
-    known = {r[0].lower() for r in con.execute(
-        "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database() "
-        "UNION SELECT view_name FROM duckdb_views() WHERE NOT internal AND database_name = current_database()"
-    ).fetchall()}
-    nodes = list(_walk(tree))
-    ctes = {key.lower() for node in nodes for key in _cte_names(node)}
-    for node in nodes:
-        kind = node.get("type")
-        if kind == "BASE_TABLE":
-            name = node.get("table_name", "").lower()
-            if node.get("catalog_name") or node.get("schema_name") not in ("", "main") or \
-                    name not in known | ctes:
-                raise BadInput(f"'{node.get('table_name')}' is not a table of this atlas",
-                               f"tables and views: {', '.join(sorted(known))}")
-        elif kind == "TABLE_FUNCTION":
-            name = node["function"].get("function_name", "").lower()
-            if name not in SAFE_TABLE_FUNCTIONS:
-                raise BadInput(f"the table function {name}() is not allowed on the server",
-                               f"allowed: {', '.join(sorted(SAFE_TABLE_FUNCTIONS))}")
-        elif node.get("class") == "FUNCTION" and node.get("function_name", "").lower() in UNSAFE_FUNCTIONS:
-            raise BadInput(f"the function {node['function_name']}() is not allowed on the server")
+STATUS = {TooLarge: 413, TimedOut: 408, BadInput: 400, NotFound: 404, TooMany: 429, Busy: 409,
+          SchemaMismatch: 500}
+
+# An absolute path with two or more parts (not an /api route): shown to clients by its last part.
+_PATH = re.compile(r"(?<![\w.:/~])/(?!api/)(?:[^\s'\"()<>,;]+/)+([^\s'\"()<>,;]*)")
 
 
-def _walk(node: Any) -> Iterator[dict[str, Any]]:
-    if isinstance(node, dict):
-        yield node
-        for value in node.values():
-            yield from _walk(value)
-    elif isinstance(node, list):
-        for value in node:
-            yield from _walk(value)
-
-
-def _cte_names(node: dict[str, Any]) -> list[str]:
-    cte_map = node.get("cte_map")
-    return [entry.get("key", "") for entry in cte_map.get("map", [])] if isinstance(cte_map, dict) else []
+def redact(text: str | None) -> str | None:
+    """Server paths out of a client-facing message: `/srv/data/x.txt` -> `.../x.txt`."""
+    return None if text is None else _PATH.sub(lambda m: ".../" + m.group(1), text)
 
 
 def status_of(exc: AtlasError) -> int:
+    if isinstance(exc, Unauthorized):
+        return exc.status
     return next((code for cls, code in STATUS.items() if isinstance(exc, cls)), 500)
+
+
+def error_body(exc: AtlasError) -> dict[str, Any]:
+    return {"error": type(exc).__name__, "message": redact(exc.message), "hint": redact(exc.hint)}
 
 
 class BuildRequest(BaseModel):
@@ -112,21 +87,21 @@ class BuildRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     models: list[str] = Field(min_length=1, max_length=16, description="Aliases, repo ids, directories or .gguf")
-    families: list[str] = Field(default_factory=lambda: ["all"], min_length=1)
-    seed: int = 0
-    corpus: str | None = None
-    text_field: str = "text"
-    concepts: list[str] | None = None
+    families: list[str] = Field(default_factory=lambda: ["all"], min_length=1, max_length=32)
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)
+    corpus: str | None = Field(default=None, max_length=4096)
+    text_field: str = Field(default="text", max_length=256)
+    concepts: list[str] | None = Field(default=None, max_length=64)
     ablation: Literal["zero", "mean", "resample"] = "mean"
     method: Literal["exact", "atp", "both"] = "both"
-    max_context: int | None = Field(default=None, gt=0)
+    max_context: int | None = Field(default=None, gt=0, le=1 << 20)
 
 
 class SqlRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     sql: str = Field(min_length=1, max_length=20_000)
-    max_rows: int | None = Field(default=None, gt=0)
-    timeout_s: float | None = Field(default=None, gt=0)
+    max_rows: int | None = Field(default=None, gt=0, le=2**31)
+    timeout_s: float | None = Field(default=None, gt=0, le=3600)
 
 
 class Builder(Protocol):
@@ -168,21 +143,36 @@ def _handle(con: duckdb.DuckDBPyConnection, path: Path, read_only: bool) -> Any:
     return atlas
 
 
+def _unit_error(error: str | None) -> str:
+    """A failed unit's reason for clients: its last line that is not traceback, paths redacted."""
+    lines = [line.strip() for line in (error or "").splitlines() if line.strip()]
+    reasons = [line for line in lines if not line.startswith(("Traceback", "File ", "^", "~"))]
+    return redact((reasons[0] if reasons else "unit failed")[:500]) or ""
+
+
 class AtlasService:
     """Holds the one read-write connection; cursors for reads, a serialized handle for ingest."""
 
     def __init__(self, db: str | Path, builder: Builder | None = None, *,
-                 sql_timeout_s: float = DEFAULT_SQL_TIMEOUT_S, max_rows: int = DEFAULT_MAX_ROWS) -> None:
-        from atlas.store import Atlas
+                 sql_timeout_s: float = DEFAULT_SQL_TIMEOUT_S, max_rows: int = DEFAULT_MAX_ROWS,
+                 max_bytes: int = DEFAULT_MAX_BYTES, max_sql: int = DEFAULT_MAX_SQL,
+                 memory_limit: str | None = None, temp_limit: str | None = None) -> None:
+        from atlas.store import Atlas, sandbox
 
         self.db = Path(db)
         self.atlas = Atlas.writer(self.db)  # creates a fresh atlas; checks the schema version
+        try:
+            sandbox(self.atlas.con, memory_limit=memory_limit, temp_limit=temp_limit)
+        except Exception:
+            self.atlas.close()
+            raise
         self.builder = builder
-        self.sql_timeout_s = sql_timeout_s
-        self.max_rows = max_rows
+        self.sql_timeout_s, self.max_rows, self.max_bytes = sql_timeout_s, max_rows, max_bytes
         self.builds: dict[str, BuildState] = {}
         self._write = threading.Lock()
         self._cursors = threading.Lock()
+        self._sql_slots = threading.BoundedSemaphore(max_sql)  # slow SQL never takes every thread
+        self._check_slots = threading.BoundedSemaphore(2)  # nor do build checks
         # One daemon build thread, builds in submission order: stopping the server stops a build
         # mid-unit without committing it (ingest is transactional), and a re-submit resumes it.
         self._queue: queue.Queue[BuildState | None] = queue.Queue()
@@ -203,10 +193,14 @@ class AtlasService:
 
     @contextmanager
     def reader(self) -> Iterator[Any]:
+        """A read-only view for one request: one snapshot, and the engine refuses any write."""
         cursor = self._cursor()
         try:
-            yield _handle(cursor, self.db, read_only=True)
+            cursor.execute("BEGIN TRANSACTION READ ONLY")
+            yield _handle(cursor, Path(self.db.name), read_only=True)  # messages name the file, not its path
         finally:
+            with suppress(duckdb.Error):
+                cursor.execute("ROLLBACK")
             cursor.close()
 
     @contextmanager
@@ -222,34 +216,45 @@ class AtlasService:
                 if state is not None:
                     state.ingest_windows.append((start, time.time()))
 
+    @contextmanager
+    def _slot(self, slots: threading.BoundedSemaphore, what: str) -> Iterator[None]:
+        if not slots.acquire(timeout=1.0):
+            raise TooMany(f"the server is already running its limit of {what}", "retry in a moment")
+        try:
+            yield
+        finally:
+            slots.release()
+
     # -- reads ----------------------------------------------------------------------------
-    def sql(self, sql: str, max_rows: int | None = None, timeout_s: float | None = None) -> dict[str, Any]:
-        """Read-only SQL, interrupted past its time limit, refused past its row limit."""
+    def sql(self, sql: str, max_rows: int | None = None, timeout_s: float | None = None,
+            max_bytes: int | None = None) -> dict[str, Any]:
+        """Read-only SQL, interrupted past its time limit, refused past its row or byte limit."""
         max_rows = min(max_rows or self.max_rows, self.max_rows)
+        max_bytes = min(max_bytes or self.max_bytes, self.max_bytes)
         timeout_s = min(timeout_s or self.sql_timeout_s, self.sql_timeout_s)
-        with self.reader() as atlas:
+        with self._slot(self._sql_slots, "concurrent SQL queries"), self.reader() as atlas:
             check_read_only(atlas.con, sql)
             timer = threading.Timer(timeout_s, atlas.con.interrupt)
             timer.start()
             try:
-                table = _fetch(atlas.con, sql, max_rows)
-            except duckdb.InterruptException as exc:
-                raise TimedOut(f"the query ran past the time limit of {timeout_s:g}s and was stopped",
-                               "narrow it (WHERE, LIMIT) or aggregate first") from exc
+                table = fetch_bounded(json_safe_relation(atlas.con.sql(sql)), max_rows, max_bytes)
             except duckdb.Error as exc:
-                if "interrupt" in str(exc).lower():
+                if isinstance(exc, duckdb.InterruptException) or "interrupt" in str(exc).lower():
                     raise TimedOut(f"the query ran past the time limit of {timeout_s:g}s and was stopped",
                                    "narrow it (WHERE, LIMIT) or aggregate first") from None
-                raise BadInput(f"the query failed: {exc}", "GET /api/schema lists tables and columns") from None
+                message = str(exc).strip()[:1000]
+                raise BadInput(f"the query failed: {message}", "GET /api/schema lists tables and columns") from None
             finally:
                 timer.cancel()
-        return {"columns": table.column_names, "rows": table.to_pylist()}
+        return {"columns": table.column_names, "rows": rows(table)}
 
     # -- builds ---------------------------------------------------------------------------
     def submit(self, request: BuildRequest) -> BuildState:
         if self.builder is None:
             raise BadInput("this server takes no builds", "start it with `atlas serve` (the CLI wires builds in)")
-        checked = self.builder.validate(request.model_dump())  # raises before anything is queued
+        with self._slot(self._check_slots, "build checks at once"):
+            # only what the client set: a family that reads no `ablation` must not see its default
+            checked = self.builder.validate(request.model_dump(exclude_unset=True))  # raises before queueing
         state = BuildState(id=uuid.uuid4().hex[:12], request=checked)
         self.builds[state.id] = state
         self._queue.put(state)
@@ -264,13 +269,16 @@ class AtlasService:
             elif event == "unit":
                 state.done += 1
                 if not getattr(payload, "ok", True):
-                    state.failed_units[payload.run_id] = (payload.error or "").splitlines()[0]
+                    state.failed_units[payload.run_id] = _unit_error(payload.error)
 
         try:
             state.report = self.builder.run(state.request, lambda: self.writer(state), progress)
             state.status = "failed" if state.failed_units else "complete"
-        except Exception as exc:  # a build failing must not take the server down
-            state.status, state.error = "failed", f"{type(exc).__name__}: {exc}"
+        except AtlasError as exc:
+            state.status, state.error = "failed", redact(exc.message)
+        except Exception:  # a build failing must not take the server down; details go to the log only
+            log.exception("build %s failed", state.id)
+            state.status, state.error = "failed", "the build failed with an internal error (see the server log)"
         finally:
             state.finished_at = time.time()
 
@@ -278,22 +286,6 @@ class AtlasService:
         if build_id not in self.builds:
             raise NotFound(f"no build '{build_id}' on this server", "GET /api/builds lists them")
         return self.builds[build_id]
-
-
-def _fetch(con: duckdb.DuckDBPyConnection, sql: str, max_rows: int) -> pa.Table:
-    """Stream at most max_rows + 1 rows; the stream is always closed (an open one pins the database)."""
-    reader = con.sql(sql).to_arrow_reader(batch_size=min(max_rows + 1, 100_000))
-    try:
-        batches, n = [], 0
-        for batch in reader:
-            batches.append(batch)
-            n += batch.num_rows
-            if n > max_rows:
-                raise TooLarge(f"the result has more than {max_rows} rows (the server's limit)",
-                               "add a LIMIT, aggregate, or page with LIMIT/OFFSET")
-        return pa.Table.from_batches(batches, schema=reader.schema)
-    finally:
-        reader.close()
 
 
 def _clean(value: Any) -> Any:
@@ -311,22 +303,23 @@ def rows(table: pa.Table) -> list[dict[str, Any]]:
     return _clean(table.to_pylist())
 
 
-def create_app(service: AtlasService) -> FastAPI:
-    """The JSON API under /api (OpenAPI at /openapi.json) and the HTML pages under /."""
+def create_app(service: AtlasService, *, token: str | None = None, build_token: str | None = None) -> FastAPI:
+    """The JSON API under /api (OpenAPI at /openapi.json) and the HTML pages under /.
+
+    `token` guards every request (`Authorization: Bearer TOKEN`); `build_token`, when given,
+    is the one `POST /api/builds` takes instead."""
+    from atlas.http import add_errors_and_auth
+
     app = FastAPI(title="head-atlas", version="1", docs_url=None, redoc_url=None,  # docs UIs load a CDN
                   description="What every attention head does, across models. Read-only SQL, head "
                               "cards, rankings; builds run on the server's cluster.")
     app.state.service = service
-
-    @app.exception_handler(AtlasError)
-    def _atlas_error(request: Request, exc: AtlasError) -> JSONResponse:
-        return JSONResponse({"error": type(exc).__name__, "message": exc.message, "hint": exc.hint},
-                            status_code=status_of(exc))
+    add_errors_and_auth(app, token=token, build_token=build_token)
 
     @app.get("/api/health", tags=["meta"])
-    def health() -> dict[str, Any]:
-        return {"ok": True, "db": str(service.db), "builds": len(service.builds),
-                "takes_builds": service.builder is not None}
+    async def health() -> dict[str, Any]:  # on the event loop: answers even when every thread is busy
+        return {"ok": True, "builds": len(service.builds), "takes_builds": service.builder is not None,
+                "auth": token is not None or build_token is not None}
 
     @app.get("/api/models", tags=["read"], summary="Models in the atlas")
     def models() -> list[dict[str, Any]]:
@@ -343,12 +336,12 @@ def create_app(service: AtlasService) -> FastAPI:
               top: int = 10, ascending: bool = False) -> list[dict[str, Any]]:
         if (metric is None) == (concept is None):
             raise BadInput("give exactly one of metric= or concept=", "e.g. /api/heads?metric=induction")
-        if not 0 < top <= service.max_rows:
-            raise BadInput(f"top must be between 1 and {service.max_rows}")
+        check_top(top, service.max_rows)
         with service.reader() as atlas:
+            key = exact_model_key(atlas, model) if model else None
             if metric is not None:
-                return rows(queries.rank_heads(atlas, metric, model, top, ascending))
-            return rows(concept_heads(atlas, concept, model, top))
+                return rows(queries.rank_heads(atlas, metric, key, top, ascending))
+            return rows(concept_heads(atlas, concept, key, top))
 
     @app.get("/api/concepts", tags=["read"], summary="Concepts with scores")
     def concepts() -> list[dict[str, Any]]:
@@ -357,8 +350,9 @@ def create_app(service: AtlasService) -> FastAPI:
 
     @app.get("/api/heads/{model:path}/{layer:int}/{head:int}", tags=["read"], summary="Everything about one head")
     def card(model: str, layer: int, head: int) -> dict[str, Any]:
+        check_index(layer, head)
         with service.reader() as atlas:
-            return _clean(head_card(atlas, model, layer, head))
+            return _clean(head_card(atlas, exact_model_key(atlas, model), layer, head))
 
     @app.get("/api/schema", tags=["read"], summary="Tables and views with their columns, for SQL")
     def schema() -> dict[str, list[str]]:
@@ -368,9 +362,9 @@ def create_app(service: AtlasService) -> FastAPI:
                 "WHERE database_name = current_database() AND NOT internal GROUP BY 1 ORDER BY 1").fetchall()
         return dict(found)
 
-    @app.post("/api/sql", tags=["read"], summary="One read-only SQL statement, time- and row-limited")
+    @app.post("/api/sql", tags=["read"], summary="One read-only SQL statement, time-, row- and byte-limited")
     def sql(body: SqlRequest) -> dict[str, Any]:
-        return _clean(service.sql(body.sql, body.max_rows, body.timeout_s))
+        return service.sql(body.sql, body.max_rows, body.timeout_s)
 
     @app.post("/api/builds", tags=["build"], status_code=202, summary="Submit a build (runs in the background)")
     def submit(body: BuildRequest) -> dict[str, Any]:
@@ -388,3 +382,4 @@ def create_app(service: AtlasService) -> FastAPI:
 
     add_pages(app, service)
     return app
+

@@ -171,28 +171,34 @@ class Atlas:
         self.execute(table.insert().values(**values))
 
     def ingest(self, shard_dir: str | Path) -> int:
-        """Ingest one finished shard in one short transaction; idempotent on its run_id."""
+        """Ingest one finished shard in one short transaction; idempotent on its run_id.
+
+        The Parquet files are read here, in Python (pyarrow), and handed to DuckDB as Arrow: the
+        server's DuckDB instance has no file access at all (see `sandbox`), and the ingest is
+        the same with or without a server."""
+        import pyarrow.parquet as pq
+
         self._require_writer()
         shard = Path(shard_dir)
         manifest = json.loads((shard / "run.json").read_text())
         run, model = manifest["run"], manifest["model"]
+        tables = {name: pq.read_table(shard / f"{name}.parquet") for name in schema.SHARD_TABLES
+                  if (shard / f"{name}.parquet").exists()}  # read before the transaction: short window
         rows = 0
         with self.transaction():
             self._replace_row(schema.models, model)
             self._replace_row(schema.runs, run)
-            for name in schema.SHARD_TABLES:
-                path = shard / f"{name}.parquet"
-                if not path.exists():
-                    continue
-                if name == "concepts":
-                    self.con.execute("INSERT OR REPLACE INTO concepts BY NAME "
-                                     "SELECT * FROM read_parquet(?)", [str(path)])
-                else:
-                    self.con.execute(f"DELETE FROM {name} WHERE run_id = ?", [run["run_id"]])
-                    self.con.execute(f"INSERT INTO {name} BY NAME SELECT * FROM read_parquet(?)",
-                                     [str(path)])
-                rows += self.con.execute("SELECT count(*) FROM read_parquet(?)",
-                                         [str(path)]).fetchall()[0][0]
+            for name, table in tables.items():
+                self.con.register("_shard", table)  # connection-local: other cursors never see it
+                try:
+                    if name == "concepts":
+                        self.con.execute("INSERT OR REPLACE INTO concepts BY NAME SELECT * FROM _shard")
+                    else:
+                        self.con.execute(f"DELETE FROM {name} WHERE run_id = ?", [run["run_id"]])
+                        self.con.execute(f"INSERT INTO {name} BY NAME SELECT * FROM _shard")
+                finally:
+                    self.con.unregister("_shard")
+                rows += table.num_rows
             metrics = [r[0] for r in self.con.execute(
                 "SELECT DISTINCT metric FROM head_metrics").fetchall()]
             self.con.execute(schema.head_roles_view(metrics))
@@ -221,3 +227,37 @@ def _to_sql(column: sa.Column, value: Any) -> Any:
 def open(path: str | Path, *, wait_s: float = 10.0) -> Atlas:
     """Notebook entry point: `atlas.open("atlas.duckdb").query("SELECT ...").to_pandas()`."""
     return Atlas(path, read_only=True, wait_s=wait_s)
+
+
+# Instance-wide and irreversible (lock_configuration last): after this, SQL on any cursor of the
+# instance reaches no file but the database's own, installs or loads no extension, reads no secret,
+# and changes no setting. Ingest still works: it hands DuckDB Arrow tables read in Python.
+SANDBOX_SETTINGS: tuple[tuple[str, object], ...] = (
+    ("python_enable_replacements", False),  # no scans of Python variables named in the SQL
+    ("autoinstall_known_extensions", False),
+    ("autoload_known_extensions", False),
+    ("allow_community_extensions", False),
+    ("allow_extension_repositories", "forbidden"),
+    ("allow_persistent_secrets", False),
+    ("enable_external_access", False),  # no read_csv/'file'/glob/COPY/ATTACH of files/INSTALL/LOAD/http
+)
+
+
+def sandbox(con: duckdb.DuckDBPyConnection, *, memory_limit: str | None = None,
+            temp_limit: str | None = None) -> None:
+    """Lock this connection's DuckDB instance for serving untrusted SQL (see SANDBOX_SETTINGS).
+
+    `memory_limit` bounds what DuckDB's buffer manager holds (sorts, joins, aggregates spill to the
+    database's own temp directory, bounded by `temp_limit`)."""
+    settings = list(SANDBOX_SETTINGS)
+    if memory_limit:
+        settings.insert(0, ("memory_limit", memory_limit))
+    if temp_limit:
+        settings.insert(0, ("max_temp_directory_size", temp_limit))
+    for name, value in settings:
+        try:
+            con.execute(f"SET {name} = ?", [value])
+        except duckdb.Error as exc:
+            raise BadInput(f"cannot set {name} = {value!r} on the atlas: {exc}",
+                           "check --memory-limit (e.g. 2GB)") from exc
+    con.execute("SET lock_configuration = true")

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
+import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,10 +16,15 @@ from cli.output import stderr
 
 
 class WorkerBuilder:
-    """The server's `Builder`: checks a request on the request thread, runs it on the build thread."""
+    """The server's `Builder`: checks a request on the request thread, runs it on the build thread.
 
-    def __init__(self, db: Path, executor: str, address: str | None, device: str) -> None:
+    Both run `only_under(data_dirs)`: a corpus, concept file or model directory named in a request
+    resolves only under the directories the operator allowed (none by default), read bounded."""
+
+    def __init__(self, db: Path, executor: str, address: str | None, device: str,
+                 data_dirs: Sequence[Path] = ()) -> None:
         self.db, self.executor, self.address, self.device = db, executor, address, device
+        self.data_dirs = [Path(d) for d in data_dirs]
 
     @staticmethod
     def options(request: dict[str, Any]) -> dict[str, Any]:
@@ -27,26 +35,61 @@ class WorkerBuilder:
                  "method": request.get("method"), "max_context": request.get("max_context")}
         return {key: value for key, value in given.items() if value is not None}
 
+    def _corpus(self, spec: str | None) -> str | None:
+        """The corpus as the workers will name it: the file's real path, or `hf:` + a dataset id."""
+        from atlas.errors import BadInput
+        from workers.corpora import EMBEDDED, HF_PREFIX
+        from workers.models import REPO_ID
+        from workers.user_files import confine
+
+        if spec in (None, "", EMBEDDED) or spec.startswith(HF_PREFIX):
+            return spec
+        try:
+            return str(confine(spec, self.data_dirs))
+        except BadInput:
+            if REPO_ID.match(spec) and ".." not in spec:
+                return HF_PREFIX + spec
+            raise
+
+    def _concept(self, spec: str) -> str:
+        """A concept spec with its file (if any) named by real path, so workers anywhere find it."""
+        from workers.concepts import _concept_path, builtin_concepts
+
+        spec = spec.strip()
+        if spec in builtin_concepts():
+            return spec
+        name, _, value = spec.partition("=") if "=" in spec else ("", "", spec)
+        path = _concept_path(value)
+        return spec if path is None else (f"{name}={path}" if name else str(path))
+
     def validate(self, request: dict[str, Any]) -> dict[str, Any]:
         """Resolve models and families and run every family's config(): bad input raises here,
         before the build is queued and before anything is written."""
         from workers.families import FAMILIES, get_family
         from workers.models import resolve
         from workers.plan import plan
+        from workers.user_files import only_under
 
-        families = list(FAMILIES) if request["families"] == ["all"] else request["families"]
+        asked = request.get("families") or ["all"]
+        families = list(FAMILIES) if asked == ["all"] else asked
         for name in families:
             get_family(name)
-        sources = [resolve(spec) for spec in request["models"]]
-        units = plan(sources, families, self.options(request), "float32")
-        return {**request, "families": families, "units": len(units)}
+        with only_under(self.data_dirs):
+            checked = {**request, "families": families, "corpus": self._corpus(request.get("corpus"))}
+            if request.get("concepts"):
+                checked["concepts"] = [self._concept(c) for c in request["concepts"]]
+            sources = [resolve(spec) for spec in request["models"]]
+            units = plan(sources, families, self.options(checked), "float32")
+        return {**checked, "units": len(units)}
 
     def run(self, request: dict[str, Any], open_writer: Any, progress: Any) -> dict[str, Any]:
         from workers.build import build
+        from workers.user_files import only_under
 
-        report = build(request["models"], request["families"], self.db, device=self.device,
-                       address=self.address, executor=self.executor, options=self.options(request),
-                       progress=progress, open_writer=open_writer, take_lock=False)
+        with only_under(self.data_dirs):
+            report = build(request["models"], request["families"], self.db, device=self.device,
+                           address=self.address, executor=self.executor, options=self.options(request),
+                           progress=progress, open_writer=open_writer, take_lock=False)
         return {"planned": report.planned, "skipped": report.skipped, "completed": len(report.completed),
                 "failed": report.failed, "rows": report.rows, "tokens": report.tokens,
                 "seconds": round(report.seconds, 2)}
@@ -65,38 +108,68 @@ def is_loopback(host: str) -> bool:
 @reports_errors
 def serve(
     db: DbOption = Path(DEFAULT_DB),
-    host: Annotated[str, typer.Option(help="Interface to bind. Anything but loopback exposes the atlas "
-                                           "and its build endpoint, with no authentication.")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="Interface to bind. Anything but loopback needs --token "
+                                           "(or --insecure).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8765,
     address: Annotated[str | None, typer.Option(help="Ray cluster address for builds; omit for a local one.")] = None,
     executor: Annotated[str, typer.Option(help="ray, or local (builds run in the server process).")] = "ray",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda for builds.")] = "auto",
+    data_dir: Annotated[list[Path] | None, typer.Option(
+        "--data-dir", help="A directory whose files (corpora, concept lists, models) builds may read; "
+                           "repeatable. Without it, submitted builds read no files.")] = None,
+    token: Annotated[str | None, typer.Option(envvar="ATLAS_TOKEN", help="Bearer token every request must "
+                                              "carry (Authorization: Bearer ...).")] = None,
+    build_token: Annotated[str | None, typer.Option(envvar="ATLAS_BUILD_TOKEN", help="A separate token for "
+                                                    "POST /api/builds (default: --token).")] = None,
+    insecure: Annotated[bool, typer.Option(help="Allow a non-loopback --host without --token.")] = False,
     sql_timeout: Annotated[float, typer.Option(help="Seconds a SQL query may run before it is stopped.")] = 5.0,
     max_rows: Annotated[int, typer.Option(help="Most rows a SQL query may return.")] = 10_000,
+    max_result_mb: Annotated[float, typer.Option(help="Most MiB (Arrow) a SQL result may hold.")] = 16.0,
+    memory_limit: Annotated[str, typer.Option(help="DuckDB's memory limit for the server (e.g. 4GB).")] = "2GB",
+    max_file_mb: Annotated[float, typer.Option(help="Largest file (MiB) a submitted build may read.")] = 64.0,
 ) -> None:
     """Serve the atlas over HTTP: JSON API (/api, /openapi.json), HTML pages, and builds.
 
     The server is the atlas's single writer: it holds the file and the build lock while it runs,
-    so `atlas build` on the same --db fails at once; submit builds to it instead.
+    so `atlas build` on the same --db fails at once; submit builds to it instead. User SQL runs on
+    a DuckDB instance with no file access, no extensions and locked settings.
 
-    Example: atlas serve --db atlas.duckdb --port 8765
+    Example: atlas serve --db atlas.duckdb --data-dir ./corpora --token "$(openssl rand -hex 16)"
     """
     import uvicorn
 
     from atlas.errors import BadInput
     from atlas.server import AtlasService, create_app
     from workers.build import build_lock
+    from workers.user_files import DATA_DIRS_ENV, MAX_FILE_MB_ENV
 
     if executor not in ("ray", "local"):
         raise BadInput(f"unknown executor '{executor}'", "use ray or local")
-    if not is_loopback(host):
-        stderr.print(f"[bold yellow]warning:[/] binding {host} exposes every query, page and POST /api/builds "
-                     "to anyone who can reach this port; there is no authentication")
+    if min(sql_timeout, max_rows, max_result_mb, max_file_mb) <= 0:
+        raise BadInput("--sql-timeout, --max-rows, --max-result-mb and --max-file-mb must be positive")
+    if not is_loopback(host) and not token:
+        if not insecure:
+            raise BadInput(f"refusing to serve on {host} without --token: anyone who can reach the port could "
+                           "query the atlas and submit builds",
+                           "pass --token (or set ATLAS_TOKEN), or --insecure if a proxy authenticates")
+        stderr.print(f"[bold yellow]warning:[/] {host} with --insecure: every query, page and POST "
+                     "/api/builds is open to anyone who can reach this port")
+    dirs = [d.resolve() for d in data_dir or []]
+    missing = [str(d) for d in dirs if not d.is_dir()]
+    if missing:
+        raise BadInput(f"--data-dir {missing[0]} is not a directory", "pass existing directories")
+    # Workers this process starts (a local Ray, the local executor) inherit the same limits.
+    os.environ[DATA_DIRS_ENV] = os.pathsep.join(str(d) for d in dirs)
+    os.environ[MAX_FILE_MB_ENV] = str(max_file_mb)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     with build_lock(db):
-        service = AtlasService(db, WorkerBuilder(db, executor, address, device),
-                               sql_timeout_s=sql_timeout, max_rows=max_rows)
+        service = AtlasService(db, WorkerBuilder(db, executor, address, device, dirs), sql_timeout_s=sql_timeout,
+                               max_rows=max_rows, max_bytes=int(max_result_mb * 2**20), memory_limit=memory_limit)
         try:
-            stderr.print(f"serving {db} on http://{host}:{port} (API: /api, OpenAPI: /openapi.json)")
-            uvicorn.run(create_app(service), host=host, port=port, log_level="warning")
+            stderr.print(f"serving {db} on http://{host}:{port} (API: /api, OpenAPI: /openapi.json; "
+                         f"{'token required' if token or build_token else 'no token'}; "
+                         f"builds read {len(dirs)} data dir(s))")
+            uvicorn.run(create_app(service, token=token, build_token=build_token), host=host, port=port,
+                        log_level="warning")
         finally:
             service.close()

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from atlas.errors import BadInput, NotFound
+from workers.user_files import allowed_roots, confine, read_text
 
 BUILTIN_FILE = Path(__file__).parent / "data" / "concepts" / "builtin.toml"
 BUILTIN = "builtin"
@@ -110,13 +111,11 @@ def parse_concept_spec(spec: str) -> list[Concept]:
     name, _, value = spec.partition("=") if "=" in spec else ("", "", spec)
     if name and not _NAME.match(name):
         raise BadInput(f"'{name}' is not a usable concept name", "use letters, digits, _ and -")
-    path = Path(value).expanduser()
-    if path.suffix in (".txt", ".toml") or path.exists():
-        if not path.is_file():
-            raise NotFound(f"no concept file at {value}", "pass a .txt (one word per line) or a .toml file")
+    path = _concept_path(value)
+    if path is not None:
         if path.suffix == ".toml":
             try:
-                tables = tomllib.loads(path.read_text())
+                tables = tomllib.loads(read_text(path, "concept file"))
             except tomllib.TOMLDecodeError as exc:
                 raise BadInput(f"{path} is not valid TOML: {exc}", "see workers/data/concepts/builtin.toml") from exc
             if name:  # top-level words, the table called NAME, or the file's only table, renamed
@@ -125,12 +124,30 @@ def parse_concept_spec(spec: str) -> list[Concept]:
                          or (subtables[0] if len(subtables) == 1 else {}))
                 return [_from_table(name, table, str(path))]
             return [_from_table(n, t, str(path)) for n, t in tables.items() if isinstance(t, dict)]
-        words = [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()]
+        words = [line.split("#", 1)[0].strip() for line in read_text(path, "concept file").splitlines()]
         return [_from_table(name or path.stem, {"words": words}, str(path))]
     if name:
         return [_from_table(name, {"words": value.split("/")}, "inline")]
     raise NotFound(f"unknown concept '{spec}'",
                    f"built-in concepts: {', '.join(builtin)}; or NAME=w1/w2/w3, or a .txt/.toml file")
+
+
+def _concept_path(value: str) -> Path | None:
+    """The file a spec names, or None for inline words. Under `atlas serve` a file must lie under
+    the operator's data directories (a `.txt`/`.toml` name elsewhere is refused, not tried inline)."""
+    if allowed_roots() is None:
+        path = Path(value).expanduser()
+        if path.suffix in (".txt", ".toml") or path.exists():
+            if not path.exists():
+                raise NotFound(f"no concept file at {value}", "pass a .txt (one word per line) or a .toml file")
+            return path
+        return None
+    if Path(value).suffix in (".txt", ".toml"):
+        return confine(value)
+    try:
+        return confine(value)
+    except BadInput:
+        return None  # not a file under the data directories: inline words
 
 
 def load_concepts(names: str | Iterable[str] | None = None) -> list[Concept]:

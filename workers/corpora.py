@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from atlas.errors import BadInput, NotFound
+from workers.user_files import allowed_roots, confine, read_bytes
 
 EMBEDDED = "embedded"
 
@@ -80,21 +81,32 @@ def embedded_corpus(max_chars: int = 400_000) -> Corpus:
     return Corpus(EMBEDDED, tuple(texts), provenance)
 
 
+HF_PREFIX = "hf:"  # an explicit dataset name, never a path (the server passes names this way)
+
+
 def load_corpus(spec: str | None, text_field: str = "text") -> Corpus:
-    """A corpus from a path (.txt, .jsonl, .parquet), a HF dataset name, or the embedded default."""
+    """A corpus from a path (.txt, .jsonl, .parquet), a HF dataset name, or the embedded default.
+
+    Files are read bounded and regular-only (workers/user_files.py); under `atlas serve` only from
+    the directories its operator allowed."""
     if spec in (None, "", EMBEDDED):
         return embedded_corpus()
-    path = Path(spec).expanduser()
-    if not path.exists():
+    if spec.startswith(HF_PREFIX):
+        return _hf_dataset(spec.removeprefix(HF_PREFIX), text_field)
+    roots = allowed_roots()
+    path = Path(spec).expanduser() if roots is None else Path(spec)
+    if roots is None and not path.exists():
         if "/" in spec and not spec.startswith((".", "/", "~")):
             return _hf_dataset(spec, text_field)
         raise NotFound(f"no corpus file at {spec}", "pass a .txt, .jsonl or .parquet file, or omit --corpus")
-    raw = path.read_bytes()
+    if roots is not None:
+        path = confine(spec)
+    raw = read_bytes(path, "corpus")
     if not raw.strip():
         raise BadInput(f"the corpus {path} is empty", "pass a file with text in it")
     provenance = {"source": str(path.resolve()), "bytes": len(raw)}
     if path.suffix == ".parquet":
-        return Corpus(path.stem, tuple(_parquet_texts(path, text_field)), provenance)
+        return Corpus(path.stem, tuple(_parquet_texts(raw, path, text_field)), provenance)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -117,11 +129,12 @@ def load_corpus(spec: str | None, text_field: str = "text") -> Corpus:
     return Corpus(path.stem, tuple(p for p in re.split(r"\n\s*\n", text) if p.strip()), provenance)
 
 
-def _parquet_texts(path: Path, column: str) -> list[str]:
+def _parquet_texts(raw: bytes, path: Path, column: str) -> list[str]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(pa.BufferReader(raw))
     except Exception as exc:
         raise BadInput(f"{path} is not a readable Parquet file: {exc}", "check the file") from exc
     if column not in table.column_names:

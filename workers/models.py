@@ -11,7 +11,9 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
+import struct
 import tomllib
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -21,6 +23,7 @@ from typing import Any
 
 from atlas.errors import BadInput, NotFound
 from workers.adapters import ADAPTERS, BoundAdapter, adapter_for
+from workers.user_files import allowed_roots, confine, is_confined, read_bytes, read_text
 
 ALIASES_FILE = Path(__file__).with_name("aliases.toml")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -76,10 +79,10 @@ def _fingerprint(directory: Path) -> str:
     for path in sorted(directory.iterdir()):
         if path.suffix in (".json", ".safetensors", *PICKLE_SUFFIXES) and path.is_file():
             digest.update(path.name.encode())
+            if path.suffix == ".json":
+                digest.update(read_bytes(path, "model file"))
+                continue
             with path.open("rb") as handle:
-                if path.suffix == ".json":
-                    digest.update(handle.read())
-                    continue
                 size = path.stat().st_size
                 digest.update(str(size).encode())
                 digest.update(handle.read(1 << 20))
@@ -102,8 +105,6 @@ GGUF_WANTED = ("general.architecture", "general.name", "general.file_type")
 def read_gguf_header(path: Path, wanted: tuple[str, ...] = GGUF_WANTED) -> dict[str, Any]:
     """Read only the header fields we need. gguf.GGUFReader parses every array (a 262k-token
     vocabulary takes ~40 s); the general.* keys come first, so this stops after a few reads."""
-    import struct
-
     found: dict[str, Any] = {}
     with path.open("rb") as f:
         def read(fmt: str) -> Any:
@@ -155,16 +156,20 @@ def _gguf_source(path: Path, spec: str, alias: str | None, name: str | None) -> 
 
     try:
         fields = read_gguf_header(path)
-    except (ValueError, OSError, UnicodeDecodeError) as exc:
+    except (ValueError, OSError, OverflowError, MemoryError, struct.error) as exc:
         raise BadInput(f"{path} is not a readable GGUF file ({exc})",
-                       "check the download (its sha256), or pass another file") from exc
+                       "check the download (its sha256), or pass another file") from None
     arch = fields.get("general.architecture", "?")
     cls = GGUF_ARCH_CLASSES.get(arch)
     if cls is None:
         raise BadInput(f"{path} holds a '{arch}' GGUF, which head-atlas has no adapter for",
                        f"supported GGUF architectures: {', '.join(sorted(GGUF_ARCH_CLASSES))}")
     file_type = fields.get("general.file_type")
-    quant = gguf.LlamaFileType(file_type).name.removeprefix("MOSTLY_") if file_type is not None else None
+    try:
+        quant = gguf.LlamaFileType(file_type).name.removeprefix("MOSTLY_") if file_type is not None else None
+    except (ValueError, TypeError):
+        raise BadInput(f"{path} declares an unknown GGUF file type {file_type!r}",
+                       "check the download (its sha256), or pass another file") from None
     default_name = str(fields.get("general.name") or path.stem).replace(" ", "-")
     return ModelSource(spec=spec, name=name or default_name, format="gguf", path=str(path), alias=alias,
                        file_hash=_sha256(path), quantization=quant, architecture=cls)
@@ -172,6 +177,11 @@ def _gguf_source(path: Path, spec: str, alias: str | None, name: str | None) -> 
 
 def _dir_source(directory: Path, spec: str, alias: str | None = None,
                 revision: str | None = None, name: str | None = None) -> ModelSource:
+    if alias is None and revision is None and allowed_roots() is not None:  # a client's directory
+        outside = [p.name for p in directory.iterdir() if not is_confined(p)]
+        if outside:
+            raise BadInput(f"{spec} links to files outside this server's data directories ({outside[0]})",
+                           "copy the files into the model directory instead of linking them")
     config_path = directory / "config.json"
     if not config_path.exists():
         ggufs = sorted(directory.glob("*.gguf"))
@@ -179,8 +189,16 @@ def _dir_source(directory: Path, spec: str, alias: str | None = None,
             return _gguf_source(ggufs[0], spec, alias, name)
         raise BadInput(f"{directory} has no config.json (and not exactly one .gguf)",
                        "point --model at a Hugging Face model directory or a .gguf file")
-    config = json.loads(config_path.read_text())
-    archs = config.get("architectures") or []
+    try:
+        config = json.loads(read_text(config_path, "model config"))
+    except json.JSONDecodeError as exc:
+        raise BadInput(f"{config_path} is not valid JSON ({exc})",
+                       "check the model directory (a complete Hugging Face download)") from None
+    archs = config.get("architectures") if isinstance(config, dict) else None
+    if not isinstance(config, dict) or not isinstance(archs or [], list):
+        raise BadInput(f"{config_path} is not a Hugging Face model config (a JSON object with architectures)",
+                       "check the model directory (a complete Hugging Face download)")
+    archs = [a for a in archs or [] if isinstance(a, str)]
     cls = next((a for a in archs if a in ADAPTERS), None)
     if cls is None:
         kind = config.get("model_type", "unknown")
@@ -213,11 +231,30 @@ def _alias_source(alias: str) -> ModelSource:
     return _gguf_source(path, alias, alias, entry["name"])
 
 
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+
+
 def resolve(spec: str) -> ModelSource:
-    """Turn what the user typed into a ModelSource, or a clear error."""
+    """Turn what the user typed into a ModelSource, or a clear error.
+
+    Under `atlas serve` (workers/user_files.py) a path resolves only under the operator's data
+    directories, and anything else must be an alias or a Hugging Face repo id."""
     known = aliases()
     if spec in known:
         return _alias_source(spec)
+    if allowed_roots() is not None:
+        try:
+            path = confine(spec)
+        except BadInput:
+            if REPO_ID.match(spec) and ".." not in spec:
+                return _hub_source(spec)
+            raise
+        if path.is_file() and path.suffix == ".gguf":
+            return _gguf_source(path, spec, None, None)
+        if not path.is_dir():
+            raise BadInput(f"{spec} is neither a model directory nor a .gguf file",
+                           "pass a model directory, a .gguf file, a repo id or an alias")
+        return _dir_source(path, spec)
     path = Path(spec).expanduser()
     if path.exists():
         if path.is_file():

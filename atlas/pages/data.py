@@ -11,8 +11,9 @@ from typing import Any
 
 import pyarrow as pa
 
-from atlas.errors import NotFound
-from atlas.queries import resolve_model_key
+from atlas.errors import BadInput, NotFound
+
+MAX_INDEX = 2**31 - 1  # layer and head numbers past this are not numbers of any model
 
 # Latest complete run per (model, concept), as latest_metrics does for metrics.
 LATEST_CONCEPTS = """
@@ -22,8 +23,34 @@ LATEST_CONCEPTS = """
 """
 
 
+def check_top(top: int, limit: int) -> int:
+    """Request parameters are checked before they reach SQL (a negative top once meant every row)."""
+    if not 0 < top <= limit:
+        raise BadInput(f"top must be between 1 and {limit}, not {top}", "e.g. top=10")
+    return top
+
+
+def check_index(layer: int, head: int) -> None:
+    if not (0 <= layer <= MAX_INDEX and 0 <= head <= MAX_INDEX):
+        raise BadInput(f"layer and head must be between 0 and {MAX_INDEX}", "e.g. /api/heads/llama/3/4")
+
+
+def exact_model_key(atlas: Any, spec: str) -> str:
+    """The model an alias, a full key or a `name@` prefix names, matched exactly: no LIKE, so `%`
+    and `_` in a name are just characters (a client's model name never matches as a pattern)."""
+    keys = atlas.execute("SELECT model_key FROM models WHERE alias = ? OR model_key = ? "
+                         "OR starts_with(model_key, ?) ORDER BY 1", [spec, spec, spec + "@"]).column(0).to_pylist()
+    if len(keys) == 1:
+        return keys[0]
+    if keys:
+        raise NotFound(f"'{spec}' matches several models: {', '.join(keys)}", "pass the full model key")
+    known = atlas.execute("SELECT alias, model_key FROM models ORDER BY model_key").to_pylist()
+    listing = ", ".join(f"{r['alias'] or '-'} ({r['model_key']})" for r in known) or "none yet"
+    raise NotFound(f"no model '{spec}' in this atlas", f"models in this atlas: {listing}")
+
+
 def model_row(atlas: Any, model: str) -> dict[str, Any]:
-    key = resolve_model_key(atlas, model)
+    key = exact_model_key(atlas, model)
     return atlas.execute("SELECT * FROM models WHERE model_key = ?", [key]).to_pylist()[0]
 
 
@@ -33,7 +60,7 @@ def head_card(atlas: Any, model: str, layer: int, head: int, top: int = 10) -> d
     from atlas.cards import card_json
     from atlas.cards import head_card as card_of
 
-    card = card_json(card_of(atlas, model, f"{layer}.{head}", top))
+    card = card_json(card_of(atlas, exact_model_key(atlas, model), f"{layer}.{head}", top))
     m = model_row(atlas, card["model_key"])
     labels = atlas.execute("SELECT label, metric, value, threshold FROM head_labels "
                            "WHERE model_key = ? AND layer = ? AND head = ? ORDER BY label",
@@ -57,7 +84,7 @@ def concept_heads(atlas: Any, concept: str, model: str | None = None, top: int =
     where, params = "concept = ?", [concept, top]
     if model:
         where += " AND s.model_key = ?"
-        params.insert(1, resolve_model_key(atlas, model))
+        params.insert(1, exact_model_key(atlas, model))
     table = atlas.execute(f"""
         SELECT coalesce(m.alias, s.model_key) AS model, s.layer, s.head, s.concept, s.score, s.rank,
                s.model_key, s.run_id

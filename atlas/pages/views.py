@@ -19,6 +19,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from atlas import queries
 from atlas.errors import AtlasError, NotFound
 from atlas.pages import data
+from atlas.pages.data import check_index, check_top
 
 TEMPLATES = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).with_name("templates")),
                                autoescape=True, undefined=jinja2.StrictUndefined)
@@ -67,7 +68,7 @@ def add_pages(app: FastAPI, service: Any) -> None:
         return page(lambda atlas: render(
             "index.html", title="head-atlas", models=queries.list_models(atlas).to_pylist(),
             metrics=[r[0] for r in atlas.metric_ids()], concepts=data.list_concepts(atlas).to_pylist(),
-            db=str(service.db)))
+            db=service.db.name))  # the file's name, never its path
 
     @app.get("/search", response_class=HTMLResponse, include_in_schema=False)
     def search(q: str = "") -> Any:
@@ -76,6 +77,7 @@ def add_pages(app: FastAPI, service: Any) -> None:
     @app.get("/concept/{name}", response_class=HTMLResponse, include_in_schema=False)
     def concept(name: str, top: int = 10) -> HTMLResponse:
         def build(atlas: Any) -> HTMLResponse:
+            check_top(top, service.max_rows)
             table = data.concept_heads(atlas, name, None, top).to_pylist()
             by_model: dict[str, list[dict[str, Any]]] = {}
             for row in table:
@@ -87,6 +89,7 @@ def add_pages(app: FastAPI, service: Any) -> None:
     @app.get("/metric/{metric}", response_class=HTMLResponse, include_in_schema=False)
     def metric(metric: str, top: int = 10) -> HTMLResponse:
         def build(atlas: Any) -> HTMLResponse:
+            check_top(top, service.max_rows)
             table = queries.rank_heads(atlas, metric, None, top).to_pylist()
             return render("metric.html", title=f"metric {metric}", metric=table[0]["metric"] if table else metric,
                           rows=table)
@@ -96,8 +99,10 @@ def add_pages(app: FastAPI, service: Any) -> None:
 
     @app.get("/{model:path}/{layer:int}/{head:int}", response_class=HTMLResponse, include_in_schema=False)
     def head(model: str, layer: int, head: int) -> HTMLResponse:
-        return page(lambda atlas: render("head.html", title=f"{model} {layer}.{head}",
-                                         card=data.head_card(atlas, model, layer, head)))
+        def build(atlas: Any) -> HTMLResponse:
+            check_index(layer, head)
+            return render("head.html", title=f"{model} {layer}.{head}", card=data.head_card(atlas, model, layer, head))
+        return page(build)
 
     @app.get("/{model:path}", response_class=HTMLResponse, include_in_schema=False)
     def model(model: str) -> HTMLResponse:
@@ -121,7 +126,9 @@ def add_compare(app: FastAPI, service: Any) -> None:
 
     def _compare(atlas: Any, models: list[str] | None, metrics: list[str] | None,
                  concepts: list[str] | None, top: int) -> dict[str, Any]:
-        return compare(atlas, models or None, metrics or None, concepts or None, top=top)
+        check_top(top, service.max_rows)
+        keys = [data.exact_model_key(atlas, m) for m in models or []]
+        return compare(atlas, keys or None, metrics or None, concepts or None, top=top)
 
     @app.get("/api/match/{model:path}/{layer:int}/{head:int}", tags=["compare"],
              summary="Heads of another model most like this head (profile and token views)")
@@ -129,8 +136,11 @@ def add_compare(app: FastAPI, service: Any) -> None:
               by: str = "both") -> list[dict[str, Any]]:
         from atlas.server import rows
 
+        check_top(top, service.max_rows)
+        check_index(layer, head)
         with service.reader() as atlas:
-            return rows(match_head(atlas, model, f"{layer}.{head}", other, top, by))
+            key, other_key = data.exact_model_key(atlas, model), data.exact_model_key(atlas, other)
+            return rows(match_head(atlas, key, f"{layer}.{head}", other_key, top, by))
 
     @app.get("/api/compare", tags=["compare"], summary="Cross-model comparison: roles, top heads, concepts")
     def compare_json(models: list[str] = Query(default=[]), metrics: list[str] = Query(default=[]),

@@ -24,11 +24,17 @@ def atlas_db(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return db
 
 
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("server-data")
+
+
 @pytest.fixture
-def service(atlas_db: Path):
+def service(atlas_db: Path, data_dir: Path):
     from cli.serve import WorkerBuilder
 
-    svc = AtlasService(atlas_db, WorkerBuilder(atlas_db, "local", None, "cpu"), sql_timeout_s=1.0, max_rows=200)
+    svc = AtlasService(atlas_db, WorkerBuilder(atlas_db, "local", None, "cpu", data_dirs=[data_dir]),
+                       sql_timeout_s=1.0, max_rows=200)
     yield svc
     svc.close()
 
@@ -119,18 +125,21 @@ def test_concept_ranking_is_the_highest_scores(service: AtlasService) -> None:
     assert top[0]["score"] >= top[1]["score"] >= top[2]["score"]
 
 
-def test_bad_build_requests_queue_nothing(service: AtlasService, tmp_path: Path) -> None:
+def test_bad_build_requests_queue_nothing(service: AtlasService, data_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(BadInput):
         service.submit(BuildRequest(models=["llama"], families=["no-such-family"]))
-    with pytest.raises(NotFound):
-        service.submit(BuildRequest(models=[str(tmp_path / "missing-model")], families=["patterns"]))
+    with pytest.raises(BadInput):  # missing, or outside the data directories: one answer
+        service.submit(BuildRequest(models=[str(data_dir / "missing-model")], families=["patterns"]))
+    with pytest.raises(BadInput):
+        service.submit(BuildRequest(models=[str(save_tiny(tmp_path / "outside", "Qwen2ForCausalLM"))],
+                                    families=["patterns"]))
     assert service.builds == {}
 
 
-def test_build_through_the_service_becomes_visible(service: AtlasService, tmp_path: Path) -> None:
-    qwen = save_tiny(tmp_path / "tiny-qwen2", "Qwen2ForCausalLM", seed=1)
+def test_build_through_the_service_becomes_visible(service: AtlasService, data_dir: Path) -> None:
+    save_tiny(data_dir / "tiny-qwen2", "Qwen2ForCausalLM", seed=1)
     before = {r["model_key"] for r in service.sql("SELECT model_key FROM models")["rows"]}
-    state = service.submit(BuildRequest(models=[str(qwen)], families=["patterns"]))
+    state = service.submit(BuildRequest(models=["tiny-qwen2"], families=["patterns"]))  # relative to the data dir
     deadline = time.monotonic() + 120
     while state.status not in ("complete", "failed") and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -1,0 +1,100 @@
+"""The server's HTTP edge: bearer tokens, and one error shape for everything that goes wrong.
+
+Every error a client sees is JSON `{"error", "message", "hint"}` with paths redacted: the
+server's own errors, FastAPI's request validation (400 for a bad query or path parameter, 422
+for a bad body), unknown routes, and anything unexpected (500, traceback to the server log only,
+never to the client, and the connection stays usable).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from atlas.errors import AtlasError
+
+log = logging.getLogger("atlas.server")
+
+
+def _json(status: int, error: str, message: str, hint: str | None = None,
+          headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": error, "message": message, "hint": hint}, status_code=status, headers=headers)
+
+
+def _problems(exc: RequestValidationError) -> tuple[bool, str]:
+    """(any problem in the body?, one line naming each bad field)."""
+    parts, in_body = [], False
+    for error in exc.errors():
+        loc = [str(x) for x in error.get("loc", ())]
+        in_body |= bool(loc) and loc[0] == "body"
+        parts.append(f"{'.'.join(loc[1:] or loc)}: {error.get('msg', 'invalid')}")
+    return in_body, "; ".join(parts)[:1000]
+
+
+def _token_ok(given: str | None, *expected: str | None) -> bool:
+    return given is not None and any(e is not None and hmac.compare_digest(given.encode(), e.encode())
+                                     for e in expected)
+
+
+def add_errors_and_auth(app: FastAPI, *, token: str | None, build_token: str | None) -> None:
+    """Register the error handlers and, when a token is set, the bearer check on every request."""
+    from atlas.server import error_body, redact, status_of
+
+    @app.exception_handler(AtlasError)
+    async def _atlas_error(request: Request, exc: AtlasError) -> JSONResponse:
+        return JSONResponse(error_body(exc), status_code=status_of(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        in_body, problems = _problems(exc)
+        if in_body:
+            return _json(422, "BadRequest", f"the request body is not valid: {redact(problems)}",
+                         "see /openapi.json for the fields and their types")
+        return _json(400, "BadInput", f"bad parameter: {redact(problems)}", "see /openapi.json")
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException) -> JSONResponse:
+        name = {404: "NotFound", 405: "MethodNotAllowed"}.get(exc.status_code, "HTTPError")
+        return _json(exc.status_code, name, str(exc.detail), "see /openapi.json for the routes",
+                     headers=getattr(exc, "headers", None))
+
+    @app.middleware("http")
+    async def _guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Any:
+        if token is not None or build_token is not None:
+            refused = _refuse(request, token, build_token)
+            if refused is not None:
+                return refused
+        try:
+            return await call_next(request)
+        except Exception:  # the one place an unexpected error becomes a response
+            log.exception("internal error on %s %s", request.method, request.url.path)
+            return _json(500, "InternalError", "the server failed on this request; the details are in "
+                         "its log", "if it happens again, tell the server's operator")
+
+
+def _refuse(request: Request, token: str | None, build_token: str | None) -> JSONResponse | None:
+    """401 without a valid token; 403 for a read token on the build endpoint when builds have their own."""
+    header = request.headers.get("authorization", "")
+    given = header[7:].strip() if header[:7].lower() == "bearer " else None
+    is_build = request.method == "POST" and request.url.path.rstrip("/") == "/api/builds"
+    challenge = {"WWW-Authenticate": "Bearer"}
+    if is_build:
+        needed = build_token or token
+        if _token_ok(given, needed):
+            return None
+        if build_token is not None and _token_ok(given, token):
+            return _json(403, "Forbidden", "this token may read but not submit builds",
+                         "use the build token (ATLAS_BUILD_TOKEN)")
+        return _json(401, "Unauthorized", "submitting a build needs a bearer token",
+                     "send Authorization: Bearer <token> (the client reads ATLAS_TOKEN)", challenge)
+    if token is None or _token_ok(given, token, build_token):
+        return None
+    return _json(401, "Unauthorized", "this server needs a bearer token",
+                 "send Authorization: Bearer <token> (the client and CLI read ATLAS_TOKEN)", challenge)
