@@ -37,11 +37,13 @@ class DecodeProbe:
 
     record: keep the per-head argmax at each decode step.
     mask: {layer: [query heads]} whose query is zeroed on decode steps (uniform attention).
+    row_mask: the same per batch row, so several masks decode side by side in one batch.
     back: {layer: (batch, n_heads) long}, argmax distance back from the current token, last step.
     """
 
     record: bool = True
     mask: dict[int, list[int]] = field(default_factory=dict)
+    row_mask: dict[int, torch.Tensor] = field(default_factory=dict)  # {layer: (batch, n_heads) bool}, per row
     back: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def absolute(self, n_layers: int, total_len: int) -> torch.Tensor:
@@ -119,6 +121,9 @@ def probe_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: 
     if masked:
         query = query.clone()
         query[:, masked] = 0.0  # uniform attention over the visible keys
+    rows = probe.row_mask.get(module.layer_idx)
+    if rows is not None:
+        query = query.masked_fill(rows[:, :, None, None].to(query.device), 0.0)
     logits = None
     if probe.record or softcap is not None:
         logits = decode_logits(query, key, scaling, attention_mask, softcap)  # (b, H, K)

@@ -122,3 +122,52 @@ def test_family_on_a_tiny_model(tiny_lm, corpus_file, tmp_path) -> None:
     from atlas.shards import write_shard  # every table must survive the trip to Parquet
 
     write_shard(tmp_path, {"run_id": "r"}, {}, result.tables)
+
+
+def _needle_test(ids: list[int], span: tuple[int, int]):
+    from workers.needles import NeedleTest
+
+    return NeedleTest(NEEDLES[0], len(ids), 50.0, ids, span)
+
+
+def test_prefix_cache_decodes_like_a_fresh_prefill(tiny_lm) -> None:
+    """A prompt sharing the previous one's first 100 tokens reuses their cache: same tokens, same hits."""
+    from workers.decode_probe import DecodeProbe, attached
+    from workers.families.retrieval import PrefixCache, decode, prefill
+
+    gen = torch.Generator().manual_seed(1)
+    shared = torch.randint(3, 90, (100,), generator=gen).tolist()
+    deep = _needle_test([1, *shared, *torch.randint(3, 90, (40,), generator=gen).tolist()], (20, 24))
+    shallow = _needle_test([1, *shared, *torch.randint(3, 90, (30,), generator=gen).tolist()], (10, 14))
+    cache = PrefixCache(tiny_lm)
+    with torch.inference_mode(), attached(tiny_lm.model, DecodeProbe(record=True)) as probe:
+        decode(tiny_lm, deep, cache.prefill(deep.ids), probe, 6, [])
+        reused = decode(tiny_lm, shallow, cache.prefill(shallow.ids), probe, 6, [])
+        fresh = decode(tiny_lm, shallow, prefill(tiny_lm, shallow.ids), probe, 6, [])
+    assert cache.reused == 101
+    assert reused[0] == fresh[0] and (reused[1] == fresh[1]).all()
+
+
+def test_masks_decoded_side_by_side_equal_one_decode_per_mask(tiny_lm) -> None:
+    import copy
+
+    from workers.decode_probe import DecodeProbe, attached, mask_map
+    from workers.families.retrieval import decode, needle_scores, prefill
+
+    gen = torch.Generator().manual_seed(2)
+    test = _needle_test([1, *torch.randint(3, 90, (60,), generator=gen).tolist()], (5, 9))
+    masks = {"top": [(0, 1), (2, 3)], "random_0": [(0, 2), (2, 0)], "none": []}
+    # needle_scores reduces to ROUGE recall; compare the decoded tokens the same way it does
+    ids: dict[str, list[int]] = {}
+    with torch.inference_mode(), attached(tiny_lm.model, DecodeProbe(record=False)) as probe:
+        cache = prefill(tiny_lm, test.ids)
+        for name, heads in masks.items():
+            probe.mask = mask_map(heads)
+            ids[name], _ = decode(tiny_lm, test, copy.deepcopy(cache), probe, 8, [])
+    object.__setattr__(test.needle, "answer", tiny_lm.tokenizer.decode(ids["top"]) or "w1")
+    scores = needle_scores(tiny_lm, [test], masks, 8)
+    for name in masks:
+        want = 1.0 if ids[name] == ids["top"] else None
+        if want is not None:
+            assert scores[name] == [pytest.approx(want)]
+    assert len(set(map(tuple, ids.values()))) > 1, "masks changed nothing on this tiny model"

@@ -23,7 +23,6 @@ heads drawn from the same layers, as in Wu et al.'s `needle_in_haystack_with_mas
 
 from __future__ import annotations
 
-import copy
 import json
 import random
 from typing import Any
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 
 from workers.corpora import load_corpus
-from workers.decode_probe import DecodeProbe, attached, mask_map
+from workers.decode_probe import DecodeProbe, attached
 from workers.families.base import FamilyResult, head_metric_rows
 from workers.models import LoadedModel
 from workers.needles import NEEDLES, NeedleTest, build_tests, depth_grid, length_grid, rouge1_recall
@@ -93,18 +92,78 @@ def decode(lm: LoadedModel, test: NeedleTest, cache: Any, probe: DecodeProbe, ma
 
 def needle_scores(lm: LoadedModel, tests: list[NeedleTest], masks: dict[str, list[tuple[int, int]]],
                   max_new: int) -> dict[str, list[float]]:
-    """ROUGE-1 recall per test under each head mask ({name: heads}); one prefill per test."""
+    """ROUGE-1 recall per test under each head mask ({name: heads}): one prefill per test, then every
+    mask decodes side by side, one batch row each (per-row query masks)."""
     stops = stop_ids(lm.tokenizer)
+    names = list(masks)
+    a = lm.adapter
+    row_mask: dict[int, torch.Tensor] = {}
+    for row, name in enumerate(names):
+        for layer, head in masks[name]:
+            row_mask.setdefault(layer, torch.zeros(len(names), a.n_heads, dtype=torch.bool))[row, head] = True
     out: dict[str, list[float]] = {name: [] for name in masks}
-    with torch.inference_mode(), attached(lm.model, DecodeProbe(record=False)) as probe:
+    with torch.inference_mode(), attached(lm.model, DecodeProbe(record=False, row_mask=row_mask)):
         for test in tests:
             cache = prefill(lm, test.ids)
-            for name, heads in masks.items():
-                probe.mask = mask_map(heads)
-                generated, _ = decode(lm, test, copy.deepcopy(cache), probe, max_new, stops)
+            cache.batch_repeat_interleave(len(names))
+            for name, generated in zip(names, decode_rows(lm, test, cache, len(names), max_new, stops), strict=True):
                 out[name].append(rouge1_recall(test.needle.answer, lm.tokenizer.decode(generated)))
-            probe.mask = {}
     return out
+
+
+def decode_rows(lm: LoadedModel, test: NeedleTest, cache: Any, rows: int, max_new: int,
+                stops: list[int]) -> list[list[int]]:
+    """Greedy decode of `rows` copies of one prefilled prompt (each row its own mask); a row stops at
+    its first stop token. Rows never interact, so each gets what its own decode would."""
+    current = torch.full((rows, 1), test.ids[-1], dtype=torch.long, device=lm.device)
+    generated: list[list[int]] = [[] for _ in range(rows)]
+    done = [False] * rows
+    for _ in range(max_new):
+        tokens = lm.model(current, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1).tolist()
+        for row, token in enumerate(tokens):
+            if done[row]:
+                continue
+            if token in stops:
+                done[row] = True
+            else:
+                generated[row].append(token)
+        if all(done):
+            break
+        current = torch.tensor(tokens, device=lm.device)[:, None]
+    return generated
+
+
+class PrefixCache:
+    """Prefills that reuse the previous prompt's cache up to their common prefix: the needle tests of
+    one haystack share it up to the insertion point (deepest first). Off for sliding-window models,
+    whose cache drops old keys and cannot be cut back."""
+
+    def __init__(self, lm: LoadedModel) -> None:
+        config = lm.model.config
+        sliding = getattr(config, "sliding_window", None) or "sliding_attention" in (getattr(config, "layer_types",
+                                                                                             None) or ())
+        self.lm, self.enabled = lm, not sliding
+        self.ids: list[int] = []
+        self.cache: Any = None
+        self.reused = 0  # prompt tokens not prefilled again, over all calls
+
+    def prefill(self, ids: list[int]) -> Any:
+        """A cache holding ids[:-1], like prefill(); valid until the next call (decoding extends it)."""
+        shared = 0
+        if self.enabled and self.cache is not None:
+            limit = min(len(self.ids), len(ids)) - 1
+            while shared < limit and self.ids[shared] == ids[shared]:
+                shared += 1
+        if shared < 64:  # not worth it; start over
+            self.cache, shared = prefill(self.lm, ids), len(ids) - 1
+        else:
+            self.cache.crop(shared - self.cache.get_seq_length())  # drop the old suffix and what was decoded
+            if shared < len(ids) - 1:
+                rest = torch.tensor([ids[shared:-1]], dtype=torch.long, device=self.lm.device)
+                self.lm.model(rest, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+            self.reused += shared
+        self.ids = list(ids)
+        return self.cache
 
 
 def random_same_layers(top: list[tuple[int, int]], n_heads: int, seed: int) -> list[tuple[int, int]]:
@@ -186,12 +245,15 @@ class RetrievalFamily:
         a = lm.adapter
         tests = self.tests(lm, config)
         stops = stop_ids(lm.tokenizer)
-        scores, recalls = [], []
+        recalls, scores = [0.0] * len(tests), [np.zeros(0)] * len(tests)
+        prefix = PrefixCache(lm)
+        order = sorted(range(len(tests)), key=lambda i: (tests[i].needle.name, tests[i].length, -tests[i].depth))
         with torch.inference_mode(), attached(lm.model, DecodeProbe(record=True)) as probe:
-            for test in tests:
-                generated, hits = decode(lm, test, prefill(lm, test.ids), probe, config["max_new_tokens"], stops)
-                recalls.append(rouge1_recall(test.needle.answer, lm.tokenizer.decode(generated)))
-                scores.append(hits / (test.span[1] - test.span[0]))  # (n_layers, n_heads)
+            for i in order:  # deepest needle first: the next test shares the haystack up to its needle
+                test = tests[i]
+                generated, hits = decode(lm, test, prefix.prefill(test.ids), probe, config["max_new_tokens"], stops)
+                recalls[i] = rouge1_recall(test.needle.answer, lm.tokenizer.decode(generated))
+                scores[i] = hits / (test.span[1] - test.span[0])  # (n_layers, n_heads)
         kept = np.array(recalls) > 0.5
         per_test = np.stack(scores)[kept]  # (kept, n_layers, n_heads)
         n = int(kept.sum())
@@ -219,7 +281,8 @@ class RetrievalFamily:
         run_metrics = [{**m, "detail": json.dumps(m["detail"])} for m in run_metrics + mask_metrics]
         return FamilyResult({"head_metrics": rows, "edits": edits, "run_metrics": run_metrics},
                             tokens=sum(len(t.ids) for t in tests),
-                            extra_config={"grid": grid, "stop_ids": stops, "prompt_used": (
+                            extra_config={"grid": grid, "stop_ids": stops, "prefix_tokens_reused": prefix.reused,
+                                          "prompt_used": (
                                 "chat" if config["prompt"] == "chat" and lm.tokenizer.chat_template else "plain")})
 
     def masking(self, lm: LoadedModel, config: dict[str, Any], tests: list[NeedleTest], recalls: list[float],
