@@ -167,13 +167,15 @@ def atp_effects(lm: LoadedModel, probe: Probe, reps_fn: Any, mode: str) -> AtPRe
     reps = reps_fn(z, counter_z)
     targets = [_qk_targets(mode, tap.records, counter_records, layer) for layer in range(a.n_layers)]
     out = AtPResult({}, {}, {})
-    names = list(metrics)
-    for n, name in enumerate(names):
-        inputs = ([zs[i] for i in range(a.n_layers)] + [r["probs"] for r in tap.records]
+    n_l = a.n_layers
+    moved = [patterns(tap.records[layer], targets[layer][0].float(), targets[layer][1].float())
+             - tap.records[layer]["probs"].detach().float() for layer in range(n_l)]  # (B, H, T, S): A' - A
+    groups = _backward_groups(probe, list(metrics))
+    for n, group in enumerate(groups):
+        inputs = ([zs[i] for i in range(n_l)] + [r["probs"] for r in tap.records]
                   + [r["q"] for r in tap.records] + [r["k"] for r in tap.records])
-        grads = torch.autograd.grad(metrics[name].sum(), inputs, retain_graph=n < len(names) - 1,
-                                    allow_unused=True)
-        n_l = a.n_layers
+        total = torch.stack([metrics[name].sum() for name in group]).sum()
+        grads = torch.autograd.grad(total, inputs, retain_graph=n < len(groups) - 1, allow_unused=True)
         gz, ga, gq, gk = grads[:n_l], grads[n_l:2 * n_l], grads[2 * n_l:3 * n_l], grads[3 * n_l:]
         est_z, est_qk, est_lin = [], [], []
         for layer in range(n_l):
@@ -181,17 +183,30 @@ def atp_effects(lm: LoadedModel, probe: Probe, reps_fn: Any, mode: str) -> AtPRe
             est_z.append(((reps[layer].float() - z[layer].float()) * g).sum((1, 3)).T)  # (H, B)
             rec = tap.records[layer]
             q_new, k_new = targets[layer]
-            probs = rec["probs"].detach().float()
-            new = patterns(rec, q_new.float(), k_new.float())  # (B, H, T, S)
-            est_qk.append(((new - probs) * ga[layer].float()).nan_to_num().sum((2, 3)).T)
+            est_qk.append((moved[layer] * ga[layer].float()).nan_to_num().sum((2, 3)).T)
             lin = ((q_new - rec["q"].detach()) * gq[layer]).sum((2, 3))
             lin = lin + ((k_new - rec["k"].detach()) * gk[layer]).sum((2, 3))
             est_lin.append(lin.float().T)
-        rows = probe.rows_of(name)  # a concept's metric reads only its own prompts; others have zero gradient
-        out.z[name] = torch.stack(est_z).cpu()[..., rows]
-        out.qk[name] = torch.stack(est_qk).cpu()[..., rows]
-        out.qk_linear[name] = torch.stack(est_lin).cpu()[..., rows]
+        stacked = (torch.stack(est_z).cpu(), torch.stack(est_qk).cpu(), torch.stack(est_lin).cpu())
+        for name in group:  # each metric's own rows: the other metrics of the group have no gradient there
+            rows = probe.rows_of(name)
+            out.z[name], out.qk[name], out.qk_linear[name] = (x[..., rows] for x in stacked)
     return out
+
+
+def _backward_groups(probe: Probe, names: list[str]) -> list[list[str]]:
+    """Metrics whose rows are disjoint share one backward pass (rows never interact in a forward, so
+    the gradient of their sum holds each metric's own gradient on its own rows); others get one each."""
+    groups: list[tuple[list[str], set[int]]] = []
+    for name in names:
+        rows = set(probe.rows_of(name).tolist())
+        home = next((g for g in groups if name in probe.rows and not (g[1] & rows)), None)
+        if home is None or any(other not in probe.rows for other in home[0]):
+            groups.append(([name], rows))
+        else:
+            home[0].append(name)
+            home[1].update(rows)
+    return [group for group, _ in groups]
 
 
 def exact_pattern_effects(lm: LoadedModel, probe: Probe, mode: str, heads: list[tuple[int, int]]

@@ -61,3 +61,23 @@ def test_qk_fix_tracks_exact_pattern_patching_better_than_the_gradient(tiny_lm, 
     assert exact.abs().max() > 1e-3
     assert (fixed - exact).abs().mean() < (linear - exact).abs().mean()
     assert spearman(exact, fixed) > 0.5
+
+
+def test_disjoint_metrics_share_one_backward(tiny_lm, tmp_path, monkeypatch):
+    """Concept metrics read disjoint rows: one backward for all equals one backward per metric."""
+    import workers.atp as atp
+    from workers.families.ablation import concept_probe
+
+    path = tmp_path / "c.toml"
+    path.write_text('[a]\nwords = ["w10", "w11"]\nprompts = ["w3 w4", "w5 w6 w7"]\nheldout = ["w8"]\n'
+                    '[b]\nwords = ["w20", "w21"]\nprompts = ["w30 w31 w32 w33", "w34"]\nheldout = ["w9"]\n')
+    config = AblationFamily().config({**SMALL, "concepts": str(path), "concept_prompts": 2})
+    probe, _ = concept_probe(tiny_lm, config)
+    assert atp._backward_groups(probe, ["concept.a", "concept.b"]) == [["concept.a", "concept.b"]]
+    shared = atp_effects(tiny_lm, probe, lambda z, c: replacements("zero", probe, z, c), "zero")
+    monkeypatch.setattr(atp, "_backward_groups", lambda probe, names: [[name] for name in names])
+    alone = atp_effects(tiny_lm, probe, lambda z, c: replacements("zero", probe, z, c), "zero")
+    for name in ("concept.a", "concept.b"):
+        assert shared.z[name].shape[-1] == 2
+        torch.testing.assert_close(shared.z[name], alone.z[name], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(shared.qk[name], alone.qk[name], rtol=1e-4, atol=1e-6)
