@@ -63,6 +63,10 @@ class Atlas:
             if fresh:
                 self._create()
             self._check_version()
+        except duckdb.Error as exc:  # a damaged file can open and then fail on its first read
+            self.con.close()
+            raise BadInput(f"{self.path} is damaged or not an atlas: {_one_line(exc)}",
+                           "restore it from a copy, or rebuild it into a new --db") from None
         except Exception:
             self.con.close()
             raise
@@ -211,6 +215,10 @@ class Atlas:
             if model is not None:
                 self._replace_row(schema.models, model)
             self._replace_row(schema.runs, run)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300]
 
 
 def _to_sql(column: sa.Column, value: Any) -> Any:

@@ -364,15 +364,18 @@ def load(source: ModelSource, device: str = "auto", *, trust_remote_code: bool =
     if source.format == "pickle" and not allow_pickle:
         raise BadInput(f"{source.path} has only pickle checkpoints, which can run code when loaded",
                        "convert it to safetensors, or pass --allow-pickle if you trust it")
-    directory = _dequantized_dir(source) if source.format == "gguf" else Path(source.path)
-    try:
+    try:  # a truncated or crafted GGUF passes its header check and fails here, inside gguf/transformers
+        directory = _dequantized_dir(source) if source.format == "gguf" else Path(source.path)
         model = AutoModelForCausalLM.from_pretrained(
             directory, dtype=dtype, trust_remote_code=trust_remote_code,
             use_safetensors=source.format != "pickle", device_map=device_map)
+        tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    except BadInput:
+        raise
     except Exception as exc:  # unknown config, corrupt or missing weights (SafetensorError, OSError, ...)
-        raise BadInput(f"{source.spec} could not be loaded as a causal LM: {type(exc).__name__}: {exc}",
-                       "check that the directory holds a complete causal language model") from exc
-    tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
+        raise BadInput(f"{source.spec} could not be loaded as a causal LM: {type(exc).__name__}: "
+                       f"{' '.join(str(exc).split())[:300]}",
+                       "check that the file or directory holds a complete causal language model") from exc
     if device_map is None:
         model.to(device)
     model.eval()

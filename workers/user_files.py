@@ -107,16 +107,18 @@ def read_bytes(path: str | Path, what: str = "file", limit: int | None = None) -
         raise BadInput(f"no {what} at {path}", "check the path") from None
     except OSError as exc:
         raise BadInput(f"cannot open the {what} {path}: {exc.strerror}", "check the path and its permissions") from None
-    with os.fdopen(fd, "rb", buffering=0) as handle:
-        info = os.fstat(fd)
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
         if stat.S_ISDIR(info.st_mode):
             raise BadInput(f"the {what} {path} is a directory, not a file", "pass the file inside it")
-        if not stat.S_ISREG(info.st_mode):
-            raise BadInput(f"the {what} {path} is not a regular file (a pipe, device or socket)",
-                           "pass a regular file")
-        if info.st_size > limit:
-            raise BadInput(f"the {what} {path} has {info.st_size} bytes, over the limit of {limit}",
-                           f"pass a smaller file (the limit is {MAX_FILE_MB_ENV}, in MiB)")
+        raise BadInput(f"the {what} {path} is not a regular file (a pipe, device or socket)",
+                       "pass a regular file")
+    if info.st_size > limit:
+        os.close(fd)
+        raise BadInput(f"the {what} {path} has {info.st_size} bytes, over the limit of {limit}",
+                       f"pass a smaller file (the limit is {MAX_FILE_MB_ENV}, in MiB)")
+    with os.fdopen(fd, "rb", buffering=0) as handle:
         chunks, total = [], 0
         while chunk := handle.read(min(1 << 20, limit + 1 - total)):
             chunks.append(chunk)
