@@ -7,6 +7,7 @@ Errors come back as the same AtlasError classes (and so the same CLI exit codes)
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -16,7 +17,9 @@ import pyarrow as pa
 from atlas.errors import AtlasError, BadInput, Busy, NotFound, SchemaMismatch
 
 ERRORS: dict[str, type[AtlasError]] = {"BadInput": BadInput, "TooLarge": BadInput, "TimedOut": BadInput,
-                                       "NotFound": NotFound, "Busy": Busy, "SchemaMismatch": SchemaMismatch}
+                                       "BadRequest": BadInput, "NotFound": NotFound, "Busy": Busy,
+                                       "TooMany": Busy, "SchemaMismatch": SchemaMismatch}
+TOKEN_ENV = "ATLAS_TOKEN"
 
 
 def _table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> pa.Table:
@@ -26,11 +29,19 @@ def _table(rows: list[dict[str, Any]], columns: list[str] | None = None) -> pa.T
 
 
 class Client:
-    """HTTP reads (and build submissions) against one server."""
+    """HTTP reads (and build submissions) against one server.
 
-    def __init__(self, url: str, timeout_s: float = 60.0) -> None:
+    `token` (default: the ATLAS_TOKEN environment variable) is sent as `Authorization: Bearer`;
+    the CLI's --server mode gets it the same way."""
+
+    def __init__(self, url: str, timeout_s: float = 60.0, token: str | None = None) -> None:
         self.url = url.rstrip("/")
-        self.http = httpx.Client(base_url=self.url, timeout=timeout_s)
+        self.token = token
+        self.http = httpx.Client(base_url=self.url, timeout=timeout_s, headers=self.auth_headers())
+
+    def auth_headers(self) -> dict[str, str]:
+        token = self.token if self.token is not None else os.environ.get(TOKEN_ENV) or None
+        return {"Authorization": f"Bearer {token}"} if token else {}
 
     def close(self) -> None:
         self.http.close()
@@ -53,9 +64,14 @@ class Client:
             body = response.json()
         except ValueError:
             body = {"message": response.text[:300]}
-        if response.status_code == 422 and "detail" in body:  # request validation (FastAPI)
+        if not isinstance(body, dict):
+            body = {"message": str(body)[:300]}
+        if response.status_code == 422 and "detail" in body:  # request validation (an older server)
             problems = "; ".join(f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}" for d in body["detail"])
             raise BadInput(f"the server rejected the request: {problems}")
+        if response.status_code in (401, 403):
+            raise BadInput(body.get("message") or "the server needs a token",
+                           body.get("hint") or f"set {TOKEN_ENV} to the server's token")
         cls = ERRORS.get(body.get("error", ""), AtlasError)
         raise cls(body.get("message") or f"HTTP {response.status_code}", body.get("hint"))
 

@@ -38,6 +38,11 @@ def _problems(exc: RequestValidationError) -> tuple[bool, str]:
     return in_body, "; ".join(parts)[:1000]
 
 
+def wants_html(request: Request) -> bool:
+    """A page (not /api) asked for by a browser (Accept names text/html)."""
+    return not request.url.path.startswith("/api") and "text/html" in request.headers.get("accept", "")
+
+
 def _token_ok(given: str | None, *expected: str | None) -> bool:
     return given is not None and any(e is not None and hmac.compare_digest(given.encode(), e.encode())
                                      for e in expected)
@@ -48,8 +53,14 @@ def add_errors_and_auth(app: FastAPI, *, token: str | None, build_token: str | N
     from atlas.server import error_body, redact, status_of
 
     @app.exception_handler(AtlasError)
-    async def _atlas_error(request: Request, exc: AtlasError) -> JSONResponse:
-        return JSONResponse(error_body(exc), status_code=status_of(exc))
+    async def _atlas_error(request: Request, exc: AtlasError) -> Response:
+        body, status = error_body(exc), status_of(exc)
+        if wants_html(request):  # a browser on a page: the same message, as a page
+            from atlas.pages.views import render
+
+            return render("error.html", status, message=body["message"], hint=body["hint"],
+                          title="not found" if status == 404 else "error")
+        return JSONResponse(body, status_code=status)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -142,8 +142,8 @@ def _concept_path(value: str) -> Path | None:
                 raise NotFound(f"no concept file at {value}", "pass a .txt (one word per line) or a .toml file")
             return path
         return None
-    if Path(value).suffix in (".txt", ".toml"):
-        return confine(value)
+    if Path(value).suffix in (".txt", ".toml") or value.startswith(("/", "~", ".")) or ".." in Path(value).parts:
+        return confine(value)  # clearly a path: under the data directories, or refused
     try:
         return confine(value)
     except BadInput:

@@ -17,7 +17,6 @@ from fastapi import FastAPI, Query
 from fastapi.responses import HTMLResponse, RedirectResponse
 
 from atlas import queries
-from atlas.errors import AtlasError, NotFound
 from atlas.pages import data
 from atlas.pages.data import check_index, check_top
 
@@ -56,12 +55,9 @@ def add_pages(app: FastAPI, service: Any) -> None:
     """Register the pages; the catch-all model route goes last so /api and /concept win."""
 
     def page(build: Callable[[Any], HTMLResponse]) -> HTMLResponse:
-        try:
-            with service.reader() as atlas:
-                return build(atlas)
-        except AtlasError as exc:
-            status = 404 if isinstance(exc, NotFound) else 400
-            return render("error.html", status, message=exc.message, hint=exc.hint, title="not found")
+        # an AtlasError goes to the app's handler: an HTML error page for a browser, JSON otherwise
+        with service.reader() as atlas:
+            return build(atlas)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def index() -> HTMLResponse:
@@ -153,12 +149,8 @@ def add_compare(app: FastAPI, service: Any) -> None:
     @app.get("/compare", response_class=HTMLResponse, include_in_schema=False)
     def compare_page(models: list[str] = Query(default=[]), metrics: list[str] = Query(default=[]),
                      concepts: list[str] = Query(default=[]), top: int = 5) -> HTMLResponse:
-        try:
-            with service.reader() as atlas:
-                return HTMLResponse(render_html(_compare(atlas, models, metrics, concepts, top)))
-        except AtlasError as exc:
-            return render("error.html", 404 if isinstance(exc, NotFound) else 400, message=exc.message,
-                          hint=exc.hint, title="compare")
+        with service.reader() as atlas:
+            return HTMLResponse(render_html(_compare(atlas, models, metrics, concepts, top)))
 
 
 HEAD_SPEC = re.compile(r"^(?P<model>.+?)[\s/]+L?(?P<layer>\d+)[\s./]+H?(?P<head>\d+)$", re.IGNORECASE)

@@ -37,8 +37,9 @@ def server(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory):
                      "--db", str(db), "--json"),
         "models": cli("models", "--db", str(db), "--json"),
     }
-    with serve(db, "--executor", "ray", "--max-rows", "500", "--sql-timeout", "2") as url:
-        yield {"url": url, "db": db, "local": local}
+    data = tmp_path_factory.mktemp("served-data")  # the only place submitted builds may read
+    with serve(db, "--executor", "ray", "--max-rows", "500", "--sql-timeout", "2", "--data-dir", str(data)) as url:
+        yield {"url": url, "db": db, "local": local, "data": data}
 
 
 def test_reads_answer_like_the_local_cli(server: dict[str, Any]) -> None:
@@ -133,7 +134,7 @@ def _reader(url: str, key: str, stop: threading.Event, log: list[tuple[float, in
 @pytest.mark.ray
 def test_build_on_ray_completes_while_readers_get_answers(server: dict[str, Any], tmp_path: Path) -> None:
     url = server["url"]
-    model_dir = save_tiny(tmp_path / "tiny-gpt2", "GPT2LMHeadModel", seed=3)
+    save_tiny(server["data"] / "tiny-gpt2", "GPT2LMHeadModel", seed=3)
     with httpx.Client(base_url=url, timeout=60) as http:
         key = http.get("/api/models").json()[0]["model_key"]
         stop, log = threading.Event(), []
@@ -141,7 +142,9 @@ def test_build_on_ray_completes_while_readers_get_answers(server: dict[str, Any]
         for t in readers:
             t.start()
         try:
-            submitted = http.post("/api/builds", json={"models": [str(model_dir)], "families": ["patterns"]})
+            outside = http.post("/api/builds", json={"models": [str(tmp_path)], "families": ["patterns"]})
+            assert outside.status_code == 400, outside.text  # not under --data-dir
+            submitted = http.post("/api/builds", json={"models": ["tiny-gpt2"], "families": ["patterns"]})
             assert submitted.status_code == 202, submitted.text
             state = wait_build(http, submitted.json()["id"])
         finally:

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -62,7 +65,13 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def service(atlas_db: Path, data_dir: Path) -> Iterator[AtlasService]:
     from cli.serve import WorkerBuilder
 
-    svc = AtlasService(atlas_db, WorkerBuilder(atlas_db, "local", None, "cpu", data_dirs=[data_dir]),
+    class ChecksOnly(WorkerBuilder):
+        """The real checks; a build that gets through them is recorded, never run (CPU is shared)."""
+
+        def run(self, request: dict[str, Any], open_writer: Any, progress: Any) -> dict[str, Any]:
+            return {"not run": True}
+
+    svc = AtlasService(atlas_db, ChecksOnly(atlas_db, "local", None, "cpu", data_dirs=[data_dir]),
                        sql_timeout_s=2.0, max_rows=500, max_bytes=1 << 20)
     yield svc
     svc.close()
@@ -207,3 +216,255 @@ def test_legitimate_sql_still_answers(http: TestClient) -> None:
     assert len(response.json()["rows"]) == 3
     recursive = "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 5) SELECT sum(n) AS s FROM r"
     assert http.post("/api/sql", json={"sql": recursive}).json()["rows"] == [{"s": 15}]
+
+
+def test_sql_attacks_fail_in_the_engine_too(service: AtlasService) -> None:
+    """A write hidden in a CTE has statement type SELECT; the READ ONLY transaction refuses it."""
+    import duckdb
+
+    with service.reader() as atlas, pytest.raises(duckdb.Error):
+        atlas.con.execute("WITH x AS (DELETE FROM runs RETURNING *) SELECT count(*) FROM x").fetchall()
+
+
+# -- 2. builds read only what the operator allowed ------------------------------------------------
+def submit(http: TestClient, **body: Any) -> Any:
+    return http.post("/api/builds", json={"models": ["llama"], "families": ["pursuit"], **body})
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    secret = tmp_path / "secret.txt"
+    secret.write_text(f"{MARKER}\nsecond\n")
+    return secret
+
+
+def build_attacks(data_dir: Path, outside: Path) -> list[dict[str, Any]]:
+    escape = data_dir / "escape.txt"
+    if not escape.is_symlink():
+        escape.symlink_to(outside)
+    (data_dir / "linked").mkdir(exist_ok=True)
+    if not (data_dir / "linked" / "config.json").is_symlink():
+        (data_dir / "linked" / "config.json").symlink_to(outside)
+    return [
+        {"concepts": ["/proc/self/environ"]},
+        {"concepts": ["env=/proc/self/environ"]},
+        {"concepts": [f"x={outside}"]},
+        {"concepts": [str(outside)]},
+        {"concepts": ["x=../" + outside.parent.name + "/secret.txt"]},
+        {"concepts": ["x=escape.txt"]},
+        {"concepts": [f"x={data_dir}/../{outside.parent.name}/secret.txt"]},
+        {"corpus": "/proc/self/environ"},
+        {"corpus": "/dev/zero"},
+        {"corpus": str(outside)},
+        {"corpus": "escape.txt"},
+        {"corpus": "../" + outside.parent.name + "/secret.txt"},
+        {"corpus": "~/.bashrc"},
+        {"corpus": "etc/passwd"},
+        {"models": [str(outside.parent)]},
+        {"models": ["/etc"]},
+        {"models": ["linked"]},
+        {"models": ["../" + outside.parent.name]},
+    ]
+
+
+def test_build_paths_stay_under_the_data_dirs(http: TestClient, service: AtlasService, data_dir: Path,
+                                              outside: Path) -> None:
+    before = counts(http)
+    for attack in build_attacks(data_dir, outside):
+        t0 = time.monotonic()
+        body = assert_error(submit(http, **attack), (400, 404))
+        assert time.monotonic() - t0 < 30, attack
+        assert str(outside.parent) not in json.dumps(body), (attack, body)
+    assert service.builds == {}
+    assert counts(http) == before
+    concepts = http.get("/api/concepts").json()
+    assert MARKER not in json.dumps(concepts)
+
+
+def test_fifo_and_device_never_block_a_request_thread(http: TestClient, service: AtlasService,
+                                                      data_dir: Path) -> None:
+    """40 submissions naming a FIFO at once: each refused at once, and health answers meanwhile."""
+    fifo = data_dir / "pipe.txt"
+    if not fifo.exists():
+        os.mkfifo(fifo)
+    statuses: list[int] = []
+
+    def one() -> None:
+        statuses.append(submit(http, corpus="pipe.txt", families=["lens"]).status_code)
+
+    threads = [threading.Thread(target=one) for _ in range(40)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    assert http.get("/api/health").status_code == 200
+    for t in threads:
+        t.join(timeout=120)
+    assert sorted(set(statuses)) <= [400, 429] and 400 in statuses, statuses
+    assert time.monotonic() - t0 < 120
+    assert service.builds == {}
+    assert_error(submit(http, corpus="/dev/zero", families=["lens"]), 400)
+
+
+def test_allowed_files_resolve_to_real_paths(service: AtlasService, data_dir: Path) -> None:
+    checked = service.builder.validate({"models": ["llama"], "families": ["lens"], "corpus": "corpus.txt",
+                                        "concepts": ["planets.txt", "colors", "fruit=apple/pear"]})
+    assert checked["corpus"] == str((data_dir / "corpus.txt").resolve())
+    assert checked["concepts"] == [str((data_dir / "planets.txt").resolve()), "colors", "fruit=apple/pear"]
+
+
+def test_file_size_cap(service: AtlasService, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from atlas.errors import BadInput
+
+    monkeypatch.setenv("ATLAS_MAX_FILE_MB", "0.001")
+    with pytest.raises(BadInput, match="over the limit"):
+        service.builder.validate({"models": ["llama"], "families": ["lens"], "corpus": "corpus.txt"})
+
+
+def test_models_from_data_dirs_and_broken_ones(http: TestClient, data_dir: Path) -> None:
+    from tests.unit.test_cli_bad_files import BAD, bad_models
+
+    root = data_dir / "models"
+    if not root.exists():
+        root.mkdir()
+        bad_models(root)
+    for name in BAD:
+        target = {"gguf-truncated": "cut.gguf", "gguf-bad-magic": "magic.gguf", "gguf-huge-string": "huge.gguf",
+                  "gguf-huge-array": "array.gguf", "gguf-bad-type": "type.gguf", "gguf-unknown-kind": "kind.gguf",
+                  "gguf-is-a-dir": "dir.gguf"}.get(name, name)
+        assert_error(submit(http, models=[f"models/{target}"], families=["patterns"]), 400)
+
+
+# -- 3. bounded responses, validated parameters, JSON errors --------------------------------------
+def test_result_byte_limit(http: TestClient) -> None:
+    body = assert_error(http.post("/api/sql", json={"sql": "SELECT repeat('x', 100000) AS s FROM range(200)"}), 413)
+    assert "MiB" in body["message"]
+    assert http.post("/api/sql", json={"sql": "SELECT repeat('x', 1000) AS s FROM range(200)"}).status_code == 200
+
+
+def test_slow_sql_is_stopped(http: TestClient) -> None:
+    t0 = time.monotonic()
+    assert_error(http.post("/api/sql", json={"sql": "SELECT count(*) FROM range(1000000000000) a",
+                                              "timeout_s": 0.5}), 408)
+    assert time.monotonic() - t0 < 10
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT 'abc'::BLOB AS b, '\\xff\\x00'::BLOB AS c",
+    "SELECT 'infinity'::DATE AS d, '-infinity'::TIMESTAMP AS t, now() AS n, '12:00'::TIME AS tm",
+    "SELECT INTERVAL 3 DAY AS i, uuid() AS u, 170141183460469231731687303715884105727::HUGEINT AS h",
+    "SELECT 1.25::DECIMAL(10, 2) AS x, MAP {'a': 1} AS m, {'b': 'x'::BLOB} AS s, ['a'::BLOB] AS l",
+    "SELECT 'nan'::DOUBLE AS n, 'inf'::DOUBLE AS i, [1, 2] AS l, {'k': 1} AS s",
+])
+def test_odd_types_come_back_as_json(http: TestClient, sql: str) -> None:
+    response = http.post("/api/sql", json={"sql": sql})
+    assert response.status_code == 200, response.text
+    assert response.json()["rows"]
+
+
+@pytest.mark.parametrize("path", [
+    "/metric/patterns.induction?top=1e30", "/metric/patterns.induction?top=-1", "/concept/colors?top=0",
+    "/api/heads?metric=induction&top=1e30", "/api/heads?metric=induction&top=-5",
+    "/api/heads?metric=induction&top=99999999999999999999999", "/api/compare?top=-1",
+    "/api/heads/x/99999999999999999999/0", "/api/heads?metric=induction&ascending=maybe",
+])
+def test_numeric_parameters_are_checked(http: TestClient, path: str) -> None:
+    assert_error(http.get(path), 400)
+
+
+def test_match_top_is_checked(http: TestClient) -> None:
+    key = http.get("/api/models").json()[0]["model_key"]
+    assert_error(http.get(f"/api/match/{key}/0/0", params={"in": key, "top": -1}), 400)
+    assert len(http.get(f"/api/match/{key}/0/0", params={"in": key, "top": 2}).json()) == 2
+
+
+@pytest.mark.parametrize("model", ["%", "_", "%25", "tiny%", "t_ny-llama"])
+def test_model_names_match_exactly(http: TestClient, model: str) -> None:
+    assert_error(http.get("/api/heads", params={"metric": "induction", "model": model}), 404)
+    assert_error(http.get(f"/api/heads/{model}/0/0"), 404)
+    assert_error(http.get(f"/api/match/{model}/0/0", params={"in": model}), 404)
+
+
+def test_no_server_paths(http: TestClient, service: AtlasService) -> None:
+    health = http.get("/api/health")
+    assert health.status_code == 200 and str(service.db.parent) not in health.text
+    assert str(service.db.parent) not in http.get("/").text
+    missing = assert_error(http.get("/api/heads", params={"metric": "no-such-metric"}), 404)
+    assert str(service.db.parent) not in json.dumps(missing)
+    assert_error(http.get("/api/no/such/route/x"), 404)
+    assert_error(http.delete("/api/builds"), 405)
+    assert_error(http.post("/api/sql", content=b"{not json", headers={"content-type": "application/json"}), 422)
+
+
+def test_failed_builds_show_no_traceback(http: TestClient, service: AtlasService,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    class Exploding:
+        def validate(self, request: dict[str, Any]) -> dict[str, Any]:
+            return request
+
+        def run(self, request: dict[str, Any], open_writer: Any, progress: Any) -> dict[str, Any]:
+            progress("unit", type("R", (), {"ok": False, "run_id": "u1", "error":
+                                            'Traceback (most recent call last):\n  File "/srv/x/y.py", line 3\n'
+                                            "RuntimeError: bad weights in /srv/secret/model.bin"})())
+            raise RuntimeError(f"boom in {Path(__file__)}")
+
+    monkeypatch.setattr(service, "builder", Exploding())
+    state = submit(http).json()
+    deadline = time.monotonic() + 30
+    while (state := http.get(f"/api/builds/{state['id']}").json())["status"] not in ("complete", "failed"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    text = json.dumps(state)
+    assert state["status"] == "failed" and "Traceback" not in text and ".py" not in text and "/srv" not in text
+    assert "bad weights" in state["failed_units"]["u1"]
+    service.builds.clear()
+
+
+# -- 4. tokens ------------------------------------------------------------------------------------
+def test_tokens(service: AtlasService) -> None:
+    with TestClient(create_app(service, token="read-me", build_token="build-me"),
+                    raise_server_exceptions=False) as http:
+        assert_error(http.get("/api/health"), 401)
+        assert_error(http.get("/api/models", headers={"Authorization": "Bearer wrong"}), 401)
+        assert_error(http.get("/", headers={"Authorization": "Basic read-me"}), 401)
+        read = {"Authorization": "Bearer read-me"}
+        assert http.get("/api/models", headers=read).status_code == 200
+        assert http.post("/api/sql", json={"sql": "SELECT 1 AS x"}, headers=read).status_code == 200
+        assert_error(http.post("/api/builds", json={"models": ["llama"]}, headers=read), 403)
+        assert_error(http.post("/api/builds", json={"models": ["llama"]}), 401)
+        builds = {"Authorization": "Bearer build-me"}
+        assert_error(http.post("/api/builds", json={"models": ["llama"], "families": ["nope"]}, headers=builds), 400)
+    with TestClient(create_app(service, token="only"), raise_server_exceptions=False) as http:
+        assert_error(http.post("/api/builds", json={"models": ["llama"]}), 401)
+        assert_error(http.post("/api/builds", json={"models": ["llama"], "families": ["nope"]},
+                           headers={"Authorization": "Bearer only"}), 400)
+
+
+def test_client_sends_the_token(service: AtlasService, monkeypatch: pytest.MonkeyPatch) -> None:
+    from atlas.client import Client
+    from atlas.errors import AtlasError
+
+    app = create_app(service, token="sesame")
+    with TestClient(app) as http:
+        monkeypatch.setenv("ATLAS_TOKEN", "sesame")
+        client = Client("http://testserver")
+        client.http = http
+        client.http.headers.update(client.auth_headers())
+        assert client.list_models().num_rows >= 1
+        monkeypatch.setenv("ATLAS_TOKEN", "wrong")
+        bad = Client("http://testserver")
+        bad.http = TestClient(app)
+        bad.http.headers.update(bad.auth_headers())
+        with pytest.raises(AtlasError, match="token"):
+            bad.list_models()
+
+
+def test_non_loopback_needs_a_token(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    result = CliRunner().invoke(app, ["serve", "--host", "0.0.0.0", "--db", str(tmp_path / "a.duckdb")],
+                                env={"ATLAS_TOKEN": ""})
+    assert result.exit_code == 2, result.output
+    assert "without --token" in result.output
+    assert not (tmp_path / "a.duckdb").exists()
