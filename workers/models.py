@@ -7,6 +7,7 @@ so only the first load pays for dequantization.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -66,6 +67,14 @@ class ModelSource:
 
 
 def _sha256(path: Path) -> str:
+    """The file's hash, computed once per (path, size, mtime): a server checks every build request."""
+    info = path.stat()
+    return _sha256_of(str(path), info.st_size, info.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256_of(name: str, size: int, mtime_ns: int) -> str:
+    path = Path(name)
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 22), b""):

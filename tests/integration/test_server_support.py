@@ -65,25 +65,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class ServerURL(str):
+    """The URL of a server started by `serve`, with the server's process id (for its RSS)."""
+
+    pid: int
+
+
 @contextmanager
-def serve(db: Path, *args: str, log: Path | None = None, wait_s: float = 90.0) -> Iterator[str]:
+def serve(db: Path, *args: str, log: Path | None = None, wait_s: float = 90.0,
+          env: dict[str, str] | None = None) -> Iterator[ServerURL]:
     """`atlas serve` in a subprocess on a free loopback port; yields its URL, stops it after."""
     port = free_port()
     log = log or db.with_suffix(".serve.log")
     cmd = [sys.executable, "-c", "from cli.main import main; main()", "serve", "--db", str(db),
            "--port", str(port), *args]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false",
+           **(env or {})}
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
                                 cwd=Path(__file__).resolve().parents[2])
-    url = f"http://127.0.0.1:{port}"
+    url = ServerURL(f"http://127.0.0.1:{port}")
+    url.pid = proc.pid
     try:
         deadline = time.monotonic() + wait_s
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"atlas serve exited with {proc.returncode}:\n{log.read_text()}")
             try:
-                if httpx.get(url + "/api/health", timeout=2).status_code == 200:
+                if httpx.get(url + "/api/health", timeout=2).status_code in (200, 401):
                     break
             except httpx.HTTPError:
                 pass
