@@ -171,3 +171,21 @@ def test_masks_decoded_side_by_side_equal_one_decode_per_mask(tiny_lm) -> None:
         if want is not None:
             assert scores[name] == [pytest.approx(want)]
     assert len(set(map(tuple, ids.values()))) > 1, "masks changed nothing on this tiny model"
+
+
+def test_masking_check_reuses_prefixes_without_changing_answers(tiny_lm) -> None:
+    from workers.families.retrieval import needle_scores
+
+    gen = torch.Generator().manual_seed(3)
+    shared = torch.randint(3, 90, (80,), generator=gen).tolist()
+    tests = [_needle_test([1, *shared, *torch.randint(3, 90, (n,), generator=gen).tolist()], (5, 9))
+             for n in (30, 20, 25)]
+    for test in tests:
+        object.__setattr__(test, "depth", float(len(test.ids)))  # distinct depths: a fixed order
+    masks = {"top": [(0, 1), (2, 3)], "random_0": [(1, 2)]}
+    object.__setattr__(tests[0].needle, "answer", "w5 w7 w9 w11 w13 w15 w17 w19 w21 w23 w25 w27 w29 w31")
+    together = needle_scores(tiny_lm, tests, masks, 8)
+    alone = [needle_scores(tiny_lm, [test], masks, 8) for test in tests]
+    for name in masks:
+        assert together[name] == [one[name][0] for one in alone]
+    assert any(v > 0 for values in together.values() for v in values), "nothing decoded matched: a vacuous test"

@@ -101,14 +101,23 @@ def needle_scores(lm: LoadedModel, tests: list[NeedleTest], masks: dict[str, lis
     for row, name in enumerate(names):
         for layer, head in masks[name]:
             row_mask.setdefault(layer, torch.zeros(len(names), a.n_heads, dtype=torch.bool))[row, head] = True
-    out: dict[str, list[float]] = {name: [] for name in masks}
+    out: dict[str, list[float]] = {name: [0.0] * len(tests) for name in masks}
+    prefix = PrefixCache(lm)
     with torch.inference_mode(), attached(lm.model, DecodeProbe(record=False, row_mask=row_mask)):
-        for test in tests:
-            cache = prefill(lm, test.ids)
+        for i in _haystack_order(tests):
+            test = tests[i]
+            cache = prefix.prefill(test.ids)
             cache.batch_repeat_interleave(len(names))
             for name, generated in zip(names, decode_rows(lm, test, cache, len(names), max_new, stops), strict=True):
-                out[name].append(rouge1_recall(test.needle.answer, lm.tokenizer.decode(generated)))
+                out[name][i] = rouge1_recall(test.needle.answer, lm.tokenizer.decode(generated))
+            cache.batch_select_indices(torch.tensor([0]))  # back to one row: the next prompt's prefix
     return out
+
+
+def _haystack_order(tests: list[NeedleTest]) -> list[int]:
+    """Test indices grouped by haystack, deepest needle first: each prompt shares the previous one's
+    tokens up to its own needle, so PrefixCache prefills only the rest."""
+    return sorted(range(len(tests)), key=lambda i: (tests[i].needle.name, tests[i].length, -tests[i].depth))
 
 
 def decode_rows(lm: LoadedModel, test: NeedleTest, cache: Any, rows: int, max_new: int,
@@ -247,9 +256,8 @@ class RetrievalFamily:
         stops = stop_ids(lm.tokenizer)
         recalls, scores = [0.0] * len(tests), [np.zeros(0)] * len(tests)
         prefix = PrefixCache(lm)
-        order = sorted(range(len(tests)), key=lambda i: (tests[i].needle.name, tests[i].length, -tests[i].depth))
         with torch.inference_mode(), attached(lm.model, DecodeProbe(record=True)) as probe:
-            for i in order:  # deepest needle first: the next test shares the haystack up to its needle
+            for i in _haystack_order(tests):
                 test = tests[i]
                 generated, hits = decode(lm, test, prefix.prefill(test.ids), probe, config["max_new_tokens"], stops)
                 recalls[i] = rouge1_recall(test.needle.answer, lm.tokenizer.decode(generated))
