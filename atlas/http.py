@@ -82,12 +82,34 @@ def add_errors_and_auth(app: FastAPI, *, token: str | None, build_token: str | N
             refused = _refuse(request, token, build_token)
             if refused is not None:
                 return refused
+        too_big = _body_refused(request)
+        if too_big is not None:
+            return too_big
         try:
             return await call_next(request)
         except Exception:  # the one place an unexpected error becomes a response
             log.exception("internal error on %s %s", request.method, request.url.path)
             return _json(500, "InternalError", "the server failed on this request; the details are in "
                          "its log", "if it happens again, tell the server's operator")
+
+
+MAX_BODY = 1 << 20  # a build request or a SQL statement is a few kB
+
+
+def _body_refused(request: Request) -> JSONResponse | None:
+    """Bodies are read whole before validation: refuse a large one by its declared length, and
+    one with no length (chunked), instead of reading it."""
+    if request.method not in ("POST", "PUT", "PATCH"):
+        return None
+    length = request.headers.get("content-length")
+    if length is None:
+        if request.headers.get("transfer-encoding"):
+            return _json(411, "LengthRequired", "send the body with a Content-Length",
+                         "any HTTP client does by default")
+        return None
+    if not length.isdigit() or int(length) > MAX_BODY:
+        return _json(413, "TooLarge", f"the request body is over {MAX_BODY} bytes", "send a smaller request")
+    return None
 
 
 def _refuse(request: Request, token: str | None, build_token: str | None) -> JSONResponse | None:

@@ -468,3 +468,23 @@ def test_non_loopback_needs_a_token(tmp_path: Path) -> None:
     assert result.exit_code == 2, result.output
     assert "without --token" in result.output
     assert not (tmp_path / "a.duckdb").exists()
+
+
+def test_an_unexpected_error_is_json_and_logged(http: TestClient, monkeypatch: pytest.MonkeyPatch,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    from atlas import queries
+
+    def broken(atlas: Any) -> Any:
+        raise RuntimeError(f"bug near {Path(__file__)}")
+
+    monkeypatch.setattr(queries, "list_models", broken)
+    with caplog.at_level("ERROR", logger="atlas.server"):
+        body = assert_error(http.get("/api/models"), 500)
+    assert body["error"] == "InternalError"
+    assert "bug near" in caplog.text  # the traceback is in the server's log, not the answer
+    assert http.get("/api/health").status_code == 200
+
+
+def test_request_bodies_are_bounded(http: TestClient) -> None:
+    assert_error(http.post("/api/sql", json={"sql": "SELECT 1 -- " + "x" * (2 << 20)}), 413)
+    assert_error(http.post("/api/builds", json={"models": ["x" * 100_000] * 20}), 413)
