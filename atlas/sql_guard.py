@@ -42,15 +42,19 @@ def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
     if statements[0].type != duckdb.StatementType.SELECT:
         raise BadInput(f"only read queries are allowed, not {statements[0].type.name}",
                        "the server is the atlas's only writer; submit builds with POST /api/builds")
-    tree = json.loads(con.execute("SELECT json_serialize_sql(?)", [sql]).fetchone()[0])
-    if tree.get("error"):
-        raise BadInput(f"the SQL does not parse: {tree.get('error_message')}", "check the statement")
     known = {r[0].lower() for r in con.execute(
         "SELECT table_name FROM duckdb_tables() WHERE database_name = current_database() "
         "UNION SELECT view_name FROM duckdb_views() WHERE NOT internal AND database_name = current_database()"
     ).fetchall()}
-    for node, visible in _walk(tree, frozenset()):
-        _check_node(node, visible, known)
+    try:
+        tree = json.loads(con.execute("SELECT json_serialize_sql(?)", [sql]).fetchone()[0])
+        if tree.get("error"):
+            raise BadInput(f"the SQL does not parse: {tree.get('error_message')}", "check the statement")
+        for node, visible in _walk(tree, frozenset()):
+            _check_node(node, visible, known)
+    except RecursionError:  # refuse what cannot be checked
+        raise BadInput("the query is nested too deeply for the server to check it",
+                       "flatten it (fewer nested subqueries or chained operators)") from None
 
 
 def _check_node(node: dict[str, Any], visible: frozenset[str], known: set[str]) -> None:

@@ -488,3 +488,9 @@ def test_an_unexpected_error_is_json_and_logged(http: TestClient, monkeypatch: p
 def test_request_bodies_are_bounded(http: TestClient) -> None:
     assert_error(http.post("/api/sql", json={"sql": "SELECT 1 -- " + "x" * (2 << 20)}), 413)
     assert_error(http.post("/api/builds", json={"models": ["x" * 100_000] * 20}), 413)
+
+
+def test_deeply_nested_sql_is_refused_not_crashed(http: TestClient) -> None:
+    assert_error(http.post("/api/sql", json={"sql": "SELECT 1" + " + 1" * 500}), 400)
+    nested = "SELECT * FROM " + "(SELECT * FROM " * 900 + "range(1)" + ")" * 900
+    assert_error(http.post("/api/sql", json={"sql": nested}), 400)
