@@ -47,7 +47,8 @@ def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> None:
         "UNION SELECT view_name FROM duckdb_views() WHERE NOT internal AND database_name = current_database()"
     ).fetchall()}
     try:
-        tree = json.loads(con.execute("SELECT json_serialize_sql(?)", [sql]).fetchone()[0])
+        # fetchall, not fetchone: DuckDB 2.0 refuses other work on a cursor with an unfinished result
+        tree = json.loads(con.execute("SELECT json_serialize_sql(?)", [sql]).fetchall()[0][0])
         if tree.get("error"):
             raise BadInput(f"the SQL does not parse: {tree.get('error_message')}", "check the statement")
         for node, visible in _walk(tree, frozenset()):
