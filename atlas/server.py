@@ -271,6 +271,7 @@ class AtlasService:
                 if not getattr(payload, "ok", True):
                     state.failed_units[payload.run_id] = _unit_error(payload.error)
 
+        assert self.builder is not None  # submit() queues nothing without one
         try:
             state.report = self.builder.run(state.request, lambda: self.writer(state), progress)
             state.status = "failed" if state.failed_units else "complete"
@@ -341,7 +342,7 @@ def create_app(service: AtlasService, *, token: str | None = None, build_token: 
             key = exact_model_key(atlas, model) if model else None
             if metric is not None:
                 return rows(queries.rank_heads(atlas, metric, key, top, ascending))
-            return rows(concept_heads(atlas, concept, key, top))
+            return rows(concept_heads(atlas, concept or "", key, top))
 
     @app.get("/api/concepts", tags=["read"], summary="Concepts with scores")
     def concepts() -> list[dict[str, Any]]:

@@ -16,6 +16,7 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
+from duckdb.sqltypes import DuckDBPyType
 
 from atlas.errors import BadInput
 
@@ -109,11 +110,11 @@ JSON_NATIVE = frozenset({"boolean", "tinyint", "smallint", "integer", "bigint", 
 AS_DOUBLE = frozenset({"decimal", "hugeint", "uhugeint"})
 
 
-def _json_safe(dtype: duckdb.DuckDBPyType) -> bool:
+def _json_safe(dtype: DuckDBPyType) -> bool:
     if dtype.id in JSON_NATIVE:
         return True
     if dtype.id in ("list", "struct"):
-        return all(_json_safe(child) for _, child in dtype.children)
+        return all(isinstance(child, DuckDBPyType) and _json_safe(child) for _, child in dtype.children)
     return False
 
 
