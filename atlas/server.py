@@ -160,6 +160,8 @@ class AtlasService:
         from atlas.store import Atlas, sandbox
 
         self.db = Path(db)
+        with duckdb.connect() as scratch:  # bad limits are refused before the atlas is opened or created
+            sandbox(scratch, memory_limit=memory_limit, temp_limit=temp_limit)
         self.atlas = Atlas.writer(self.db)  # creates a fresh atlas; checks the schema version
         try:
             sandbox(self.atlas.con, memory_limit=memory_limit, temp_limit=temp_limit)

@@ -494,3 +494,11 @@ def test_deeply_nested_sql_is_refused_not_crashed(http: TestClient) -> None:
     assert_error(http.post("/api/sql", json={"sql": "SELECT 1" + " + 1" * 500}), 400)
     nested = "SELECT * FROM " + "(SELECT * FROM " * 900 + "range(1)" + ")" * 900
     assert_error(http.post("/api/sql", json={"sql": nested}), 400)
+
+
+def test_bad_limits_create_no_atlas(tmp_path: Path) -> None:
+    from atlas.errors import BadInput
+
+    with pytest.raises(BadInput, match="memory_limit"):
+        AtlasService(tmp_path / "new.duckdb", memory_limit="lots")
+    assert not (tmp_path / "new.duckdb").exists()
