@@ -126,6 +126,8 @@ def serve(
     max_rows: Annotated[int, typer.Option(help="Most rows a SQL query may return.")] = 10_000,
     max_result_mb: Annotated[float, typer.Option(help="Most MiB (Arrow) a SQL result may hold.")] = 16.0,
     memory_limit: Annotated[str, typer.Option(help="DuckDB's memory limit for the server (e.g. 4GB).")] = "2GB",
+    temp_limit: Annotated[str, typer.Option(help="Most disk DuckDB may spill to (sorts, joins) while serving.")]
+    = "4GB",
     max_file_mb: Annotated[float, typer.Option(help="Largest file (MiB) a submitted build may read.")] = 64.0,
 ) -> None:
     """Serve the atlas over HTTP: JSON API (/api, /openapi.json), HTML pages, and builds.
@@ -164,7 +166,8 @@ def serve(
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     with build_lock(db):
         service = AtlasService(db, WorkerBuilder(db, executor, address, device, dirs), sql_timeout_s=sql_timeout,
-                               max_rows=max_rows, max_bytes=int(max_result_mb * 2**20), memory_limit=memory_limit)
+                               max_rows=max_rows, max_bytes=int(max_result_mb * 2**20), memory_limit=memory_limit,
+                               temp_limit=temp_limit)
         try:
             stderr.print(f"serving {db} on http://{host}:{port} (API: /api, OpenAPI: /openapi.json; "
                          f"{'token required' if token or build_token else 'no token'}; "
