@@ -240,10 +240,13 @@ class AtlasService:
             timer.start()
             try:
                 table = fetch_bounded(json_safe_relation(atlas.con.sql(sql)), max_rows, max_bytes)
-            except duckdb.Error as exc:
+            except (duckdb.Error, pa.ArrowException, OSError) as exc:  # mid-stream, DuckDB errors come as Arrow's
                 if isinstance(exc, duckdb.InterruptException) or "interrupt" in str(exc).lower():
                     raise TimedOut(f"the query ran past the time limit of {timeout_s:g}s and was stopped",
                                    "narrow it (WHERE, LIMIT) or aggregate first") from None
+                if isinstance(exc, duckdb.OutOfMemoryException) or "out of memory" in str(exc).lower():
+                    raise TooLarge("the query needs more memory than the server allows",
+                                   "aggregate first, or select fewer or narrower columns") from None
                 message = str(exc).strip()[:1000]
                 raise BadInput(f"the query failed: {message}", "GET /api/schema lists tables and columns") from None
             finally:

@@ -166,3 +166,48 @@ def test_build_on_ray_completes_while_readers_get_answers(server: dict[str, Any]
     full = models[new_key]["n_layers"] * models[new_key]["n_heads"] * len(card["metrics"])
     seen = {row["n"] for _, _, rows in log if rows for row in rows if row["model_key"] == new_key}
     assert seen <= {full}, seen
+
+
+def test_issue_15_attacks_over_http(server: dict[str, Any], tmp_path: Path) -> None:
+    """The issue's attacks against the real server, on one keep-alive connection: each refused with a
+    JSON error, nothing read, the connection never reset, the atlas unchanged."""
+    import os
+
+    from tests.unit.test_cli_bad_files import bad_models
+
+    data: Path = server["data"]
+    secret = tmp_path / "secret.csv"
+    secret.write_text("k\nTOPSECRET7731\n")
+    os.mkfifo(data / "fifo.txt")
+    (data / "a-dir").mkdir()
+    bad_models(data / "models") if not (data / "models").exists() else None
+    with httpx.Client(base_url=server["url"], timeout=60) as http:
+        before = http.post("/api/sql", json={"sql": "SELECT count(*) AS n FROM runs"}).json()
+        key = http.get("/api/models").json()[0]["model_key"]
+        cte = (f'SELECT * FROM (WITH "{secret}" AS (SELECT 1 AS x) SELECT x FROM "{secret}") a, "{secret}" b')
+        cases = [
+            (http.post("/api/builds", json={"models": ["llama"], "families": ["pursuit"],
+                                            "concepts": ["/proc/self/environ"]}), (400, 404)),
+            (http.post("/api/sql", json={"sql": cte}), (400,)),
+            (http.post("/api/sql", json={"sql": f"SELECT * FROM read_csv('{data}/**/*.csv')"}), (400,)),
+            (http.post("/api/sql", json={"sql": "WITH x AS (DELETE FROM runs RETURNING *) SELECT * FROM x"}), (400,)),
+            (http.post("/api/builds", json={"models": ["llama"], "families": ["lens"], "corpus": "/dev/zero"}), (400,)),
+            (http.post("/api/builds", json={"models": ["llama"], "families": ["lens"], "corpus": "fifo.txt"}), (400,)),
+            (http.post("/api/builds", json={"models": ["llama"], "families": ["lens"], "corpus": "a-dir"}), (400,)),
+            (http.post("/api/sql", json={"sql": "SELECT repeat('x', 1000000) FROM range(2000)"}), (408, 413)),
+            (http.get("/metric/patterns.induction", params={"top": "1e30"}), (400,)),
+            (http.get(f"/api/match/{key}/0/0", params={"in": key, "top": -1}), (400,)),
+            (http.get("/api/heads", params={"metric": "induction", "model": "%"}), (404,)),
+            (http.post("/api/builds", json={"models": ["models/not-utf8"], "families": ["patterns"]}), (400,)),
+            (http.post("/api/builds", json={"models": ["models/type.gguf"], "families": ["patterns"]}), (400,)),
+        ]
+        for response, statuses in cases:
+            assert response.status_code in statuses, (response.request.url, response.text[:300])
+            body = response.json()
+            assert set(body) >= {"error", "message", "hint"} and "TOPSECRET7731" not in response.text
+            assert "Traceback" not in response.text
+        odd = http.post("/api/sql", json={"sql": "SELECT 'x'::BLOB AS b, 'infinity'::DATE AS d"})
+        assert odd.status_code == 200 and odd.json()["rows"] == [{"b": "x", "d": "infinity"}]
+        health = http.get("/api/health")
+        assert health.status_code == 200 and str(server["db"].parent) not in health.text
+        assert http.post("/api/sql", json={"sql": "SELECT count(*) AS n FROM runs"}).json() == before
