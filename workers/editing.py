@@ -15,6 +15,7 @@ so a batch holds every selection x prompt at once.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import random
@@ -112,14 +113,30 @@ def greedy(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, max_new_token
     first generated token's (generate would prefill the prompt a second time)."""
     from transformers import DynamicCache
 
+    cache = DynamicCache(config=lm.model.config)
+    first = _prefill(lm, ids, mask, cache)
+    return first, _decode(lm, cache, first, mask, max_new_tokens, pad)
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.cumsum(1) - 1).clamp_min(0)
+
+
+def _prefill(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, cache: Any) -> torch.Tensor:
+    """Run left-padded prompts into `cache`; the logits after each prompt, (rows, vocab) float32."""
+    out = lm.model(ids, attention_mask=mask, position_ids=_positions(mask), past_key_values=cache, use_cache=True,
+                   logits_to_keep=1)
+    return out.logits[:, -1].float()
+
+
+def _decode(lm: LoadedModel, cache: Any, first: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
+            pad: int) -> torch.Tensor:
+    """Greedy tokens from prefilled prompts, (rows, <= max_new_tokens); pad after a row's EOS."""
     eos = lm.model.generation_config.eos_token_id
     stops = torch.tensor([] if eos is None else [eos] if isinstance(eos, int) else list(eos), device=lm.device)
-    cache = DynamicCache(config=lm.model.config)
-    positions = (mask.cumsum(1) - 1).clamp_min(0)
-    out = lm.model(ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
-                   logits_to_keep=1)
-    first = out.logits[:, -1].float()
-    token, last, done = first.argmax(-1), positions[:, -1], torch.zeros(len(ids), dtype=torch.bool, device=lm.device)
+    rows = len(first)
+    token, last = first.argmax(-1), _positions(mask)[:, -1]
+    done = torch.zeros(rows, dtype=torch.bool, device=lm.device)
     generated = []
     for step in range(max_new_tokens):
         token = torch.where(done, torch.full_like(token, pad), token)
@@ -127,12 +144,66 @@ def greedy(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, max_new_token
         done |= torch.isin(token, stops)
         if step == max_new_tokens - 1 or bool(done.all()):
             break
-        mask = torch.cat([mask, mask.new_ones(len(ids), 1)], 1)
+        mask = torch.cat([mask, mask.new_ones(rows, 1)], 1)
         last = last + 1
         out = lm.model(token[:, None], attention_mask=mask, position_ids=last[:, None], past_key_values=cache,
                        use_cache=True)
         token = out.logits[:, -1].argmax(-1)
-    return first, torch.stack(generated, 1) if generated else ids.new_zeros(len(ids), 0)
+    return torch.stack(generated, 1) if generated else mask.new_zeros(rows, 0)
+
+
+class CleanPrompts:
+    """The held-out prompts run once unedited: their cache, their block inputs and their logits.
+
+    An edit whose lowest edited layer is l leaves the layers below l as they are on the prompt, so an
+    edited batch starts at l from the cached residual, and its cache below l is the clean one."""
+
+    def __init__(self, lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor) -> None:
+        from transformers import DynamicCache
+
+        self.ids, self.mask = ids, mask
+        blocks = lm.adapter.blocks
+        self.resid: list[torch.Tensor] = [torch.empty(0)] * len(blocks)
+
+        def keep(module: torch.nn.Module, args: tuple, kwargs: dict, layer: int = 0) -> None:
+            self.resid[layer] = (args[0] if args else kwargs["hidden_states"]).detach()
+
+        handles = [block.register_forward_pre_hook(lambda m, a, k, _l=i: keep(m, a, k, _l), with_kwargs=True)
+                   for i, block in enumerate(blocks)]
+        self.cache = DynamicCache(config=lm.model.config)
+        try:
+            self.first = _prefill(lm, ids, mask, self.cache)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def prefill_from(self, lm: LoadedModel, start: int, copies: int) -> tuple[Any, torch.Tensor]:
+        """`copies` stacked copies of the prompts run from layer `start` (edits attached by the caller):
+        their cache (the clean one below `start`) and the logits after each prompt."""
+        from transformers import DynamicCache
+
+        from workers.ablation_exact import resumed_at
+
+        cache = DynamicCache(config=lm.model.config)
+        ids, mask = self.ids.repeat(copies, 1), self.mask.repeat(copies, 1)
+        with resumed_at(lm, start, self.resid[start].repeat(copies, 1, 1)):
+            first = _prefill(lm, ids, mask, cache)
+        for layer in range(start):  # the skipped layers saw the clean prompt
+            keys, values = self.cache.layers[layer].keys, self.cache.layers[layer].values
+            cache.update(keys.repeat(copies, 1, 1, 1), values.repeat(copies, 1, 1, 1), layer)
+        return cache, first
+
+    def decode_copies(self, lm: LoadedModel, copies: int, max_new_tokens: int, pad: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The unedited prompts, `copies` times: the logits after each prompt and their continuations."""
+        cache = copy.deepcopy(self.cache)
+        if copies > 1:
+            cache.batch_repeat_interleave(copies)  # row r -> rows r*copies .. : reorder to setting-major below
+        first = self.first.repeat_interleave(copies, 0) if copies > 1 else self.first
+        mask = self.mask.repeat_interleave(copies, 0) if copies > 1 else self.mask
+        out = _decode(lm, cache, first, mask, max_new_tokens, pad)
+        order = torch.arange(len(first)).view(len(self.first), copies).T.flatten()  # prompt-major -> copy-major
+        return first[order], out[order]
 
 
 @torch.inference_mode()
@@ -148,16 +219,30 @@ def measure(lm: LoadedModel, concept: Concept, ids: list[int], settings: Sequenc
     p = len(prompts)
     ids_t = torch.tensor(ids, dtype=torch.long)
     scales = scale_tensor(settings, alpha, n_layers, n_heads, p)
-    rows_ids, rows_mask, pad = _left_padded(lm, prompts * len(settings))
-    mass, words = [], []
-    for part in _chunks(len(rows_ids), vocab * 4 * 2):
-        inp, mask = rows_ids[part].to(lm.device), rows_mask[part].to(lm.device)
-        with row_scales(lm, scales[part]):
-            logits, out = greedy(lm, inp, mask, max_new_tokens, pad)
-        mass.append(concept_mass(logits, ids_t).cpu())
-        if max_new_tokens:
-            texts = lm.tokenizer.batch_decode(out.cpu(), skip_special_tokens=True)
-            words += [count_concept_words(t, concept) for t in texts]
+    ids_p, mask_p, pad = _left_padded(lm, prompts)
+    clean = CleanPrompts(lm, ids_p.to(lm.device), mask_p.to(lm.device))
+    first: list[torch.Tensor] = [torch.empty(0)] * len(settings)  # per setting: logits after each prompt (p, V)
+    tokens: list[torch.Tensor] = [torch.empty(0)] * len(settings)  # per setting: continuations (p, new)
+    per_chunk = max(1, LOGIT_BUDGET // (p * vocab * 4 * 2))
+    for start, members in _by_lowest_edited_layer(scales[::p]).items():
+        for c in range(0, len(members), per_chunk):
+            chunk = members[c:c + per_chunk]
+            if start == n_layers:  # edits nothing: the clean prompts' own logits and cache
+                logits, out = clean.decode_copies(lm, len(chunk), max_new_tokens, pad)
+            else:
+                rows = torch.cat([torch.arange(i * p, (i + 1) * p) for i in chunk])
+                with row_scales(lm, scales[rows]):
+                    cache, logits = clean.prefill_from(lm, start, len(chunk))
+                    out = _decode(lm, cache, logits, clean.mask.repeat(len(chunk), 1), max_new_tokens, pad)
+            for j, i in enumerate(chunk):
+                first[i], tokens[i] = logits[j * p:(j + 1) * p], out[j * p:(j + 1) * p]
+    mass = [concept_mass(torch.cat(first), ids_t).cpu()]
+    words = []
+    if max_new_tokens:
+        width = max(t.shape[1] for t in tokens)
+        padded = [torch.nn.functional.pad(t, (0, width - t.shape[1]), value=pad) for t in tokens]
+        texts = lm.tokenizer.batch_decode(torch.cat(padded).cpu(), skip_special_tokens=True)
+        words = [count_concept_words(t, concept) for t in texts]
     result = {"concept_mass": torch.cat(mass).view(len(settings), p).mean(1).tolist()}
     if max_new_tokens:
         result["concept_words"] = torch.tensor(words, dtype=torch.float).view(len(settings), p).mean(1).tolist()
@@ -181,6 +266,17 @@ class CleanWindows:
         self.loss = float(cache.metrics["loss"].mean())
 
 
+def _by_lowest_edited_layer(scales: torch.Tensor) -> dict[int, list[int]]:
+    """Setting indices grouped by their lowest edited layer (n_layers: edits nothing); scales (settings,
+    layers, heads)."""
+    n_layers = scales.shape[1]
+    groups: dict[int, list[int]] = {}
+    for i in range(len(scales)):
+        edited = (scales[i] != 1).any(1).nonzero().flatten().tolist()
+        groups.setdefault(edited[0] if edited else n_layers, []).append(i)
+    return dict(sorted(groups.items()))
+
+
 def _ce(logits: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
     """Per-window mean next-token cross-entropy: logits (rows, T, V) over windows (rows, T) -> (rows,)."""
     vocab = logits.shape[-1]
@@ -202,13 +298,10 @@ def corpus_loss(lm: LoadedModel, windows: torch.Tensor | CleanWindows, settings:
     n_layers, n_heads, vocab = lm.adapter.n_layers, lm.adapter.n_heads, lm.adapter.unembed.weight.shape[0]
     scales = scale_tensor(settings, alpha, n_layers, n_heads, 1)  # (settings, layers, heads)
     out = [clean.loss] * len(settings)  # a setting that edits nothing (or scales by 1) is the clean run
-    edited_layers = [(scales[i] != 1).any(1).nonzero().flatten().tolist() for i in range(len(settings))]
-    groups: dict[int, list[int]] = {}
-    for i, layers in enumerate(edited_layers):
-        if layers:
-            groups.setdefault(layers[0], []).append(i)
     per_setting = max(1, LOGIT_BUDGET // (n * width * vocab * 4))
-    for start, members in sorted(groups.items()):
+    for start, members in _by_lowest_edited_layer(scales).items():
+        if start == n_layers:
+            continue
         for c in range(0, len(members), per_setting):
             chunk = members[c:c + per_setting]
             rows = clean.windows.repeat(len(chunk), 1)

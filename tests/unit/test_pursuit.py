@@ -213,3 +213,55 @@ def test_resumed_corpus_loss_equals_a_full_forward_per_setting(tiny_lm) -> None:
         want = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), windows[:, 1:].reshape(-1))
         assert value == pytest.approx(float(want), rel=1e-5)
     assert got[1] != got[0] and got[4] == got[0]
+
+
+@pytest.mark.parametrize("architecture", ["LlamaForCausalLM", "Gemma3ForCausalLM"])
+def test_measure_resumed_at_the_lowest_edited_layer_equals_one_setting_at_a_time(architecture, concept_file,
+                                                                                 tmp_path) -> None:
+    """Settings start at their lowest edited layer from the clean prompts' cache; each gets what a plain
+    forward and generate() with only its own edit give."""
+    from tests.tiny import save_tiny
+    from workers.concepts import concept_mass, concept_token_ids, count_concept_words, load_concepts
+    from workers.editing import _left_padded
+    from workers.models import load, resolve
+
+    lm = load(resolve(str(save_tiny(tmp_path / "m", architecture))), "cpu")
+    concept = load_concepts(concept_file)[0]
+    ids = concept_token_ids(concept, lm.tokenizer)
+    settings = [[(2, 1)], [], [(0, 3), (2, 0)], [(1, 2)], [(2, 2), (2, 3)], []]
+    alphas = [-1.0, 1.0, 0.0, 5.0, -1.0, 1.0]
+    got = measure(lm, concept, ids, settings, alphas, None, 5)
+    inp, mask, pad = _left_padded(lm, list(concept.heldout))
+    for i, (heads, alpha) in enumerate(zip(settings, alphas, strict=True)):
+        with torch.inference_mode(), scaled(lm.adapter, heads, alpha):
+            logits = lm.model(inp, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp_min(0)).logits[:, -1]
+            out = lm.model.generate(inp, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=pad,
+                                    temperature=None, top_p=None, top_k=None)[:, inp.shape[1]:]
+        texts = lm.tokenizer.batch_decode(out, skip_special_tokens=True)
+        assert got["concept_mass"][i] == pytest.approx(float(concept_mass(logits, ids).mean()), rel=1e-4, abs=1e-7)
+        assert got["concept_words"][i] == pytest.approx(sum(count_concept_words(t, concept) for t in texts) / len(texts))
+    assert len(set(got["concept_mass"])) > 2  # the edits did something on this tiny model
+
+
+@pytest.mark.parametrize("architecture", ["LlamaForCausalLM", "Gemma3ForCausalLM"])
+def test_resumed_prefill_decodes_the_same_tokens_as_generate(architecture, tmp_path) -> None:
+    from tests.tiny import save_tiny
+    from workers.editing import CleanPrompts, _decode, _left_padded, row_scales
+    from workers.models import load, resolve
+
+    lm = load(resolve(str(save_tiny(tmp_path / "m", architecture))), "cpu")
+    inp, mask, pad = _left_padded(lm, ["w3 w4 w5 w6 w7", "w8", "w9 w10 w11"])
+    n_layers, n_heads = lm.adapter.n_layers, lm.adapter.n_heads
+    settings = [[(1, 2), (2, 0)], [(1, 0)]]
+    scales = scale_tensor(settings, -1.0, n_layers, n_heads, 3)
+    with torch.inference_mode():
+        clean = CleanPrompts(lm, inp, mask)
+        with row_scales(lm, scales):
+            cache, first = clean.prefill_from(lm, 1, 2)
+            out = _decode(lm, cache, first, mask.repeat(2, 1), 8, pad)
+        for i, heads in enumerate(settings):
+            with scaled(lm.adapter, heads, -1.0):
+                want = lm.model.generate(inp, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                                         pad_token_id=pad, temperature=None, top_p=None, top_k=None)[:, inp.shape[1]:]
+            mine = out[i * 3:(i + 1) * 3]
+            assert torch.equal(mine, want[:, :mine.shape[1]])
