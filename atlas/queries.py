@@ -31,7 +31,7 @@ def resolve_metric(atlas: Atlas, name: str) -> str:
 
 def model_filter(spec: str) -> sa.ColumnElement[bool]:
     return sa.or_(models.c.alias == spec, models.c.model_key == spec,
-                  models.c.model_key.startswith(spec + "@"))
+                  models.c.model_key.startswith(spec + "@", autoescape=True))  # a % or _ is itself
 
 
 def resolve_model_key(atlas: Atlas, spec: str) -> str:

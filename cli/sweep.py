@@ -133,10 +133,12 @@ class SweepFile(BaseModel):
 
 
 def load_sweep(path: Path) -> SweepFile:
+    from workers.user_files import read_text  # regular files only, bounded, UTF-8 (a clear error otherwise)
+
     if not path.exists():
         raise NotFound(f"no sweep file at {path}", "see the README's sweep.yaml example")
     try:
-        return SweepFile.model_validate(yaml.safe_load(path.read_text()) or {})
+        return SweepFile.model_validate(yaml.safe_load(read_text(path, "sweep file")) or {})
     except yaml.YAMLError as exc:
         raise BadInput(f"{path} is not valid YAML: {exc}", "fix the syntax") from exc
     except ValidationError as exc:

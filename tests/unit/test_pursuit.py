@@ -239,7 +239,8 @@ def test_measure_resumed_at_the_lowest_edited_layer_equals_one_setting_at_a_time
                                     temperature=None, top_p=None, top_k=None)[:, inp.shape[1]:]
         texts = lm.tokenizer.batch_decode(out, skip_special_tokens=True)
         assert got["concept_mass"][i] == pytest.approx(float(concept_mass(logits, ids).mean()), rel=1e-4, abs=1e-7)
-        assert got["concept_words"][i] == pytest.approx(sum(count_concept_words(t, concept) for t in texts) / len(texts))
+        words = sum(count_concept_words(t, concept) for t in texts) / len(texts)
+        assert got["concept_words"][i] == pytest.approx(words)
     assert len(set(got["concept_mass"])) > 2  # the edits did something on this tiny model
 
 
