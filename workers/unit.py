@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import traceback
@@ -15,6 +16,8 @@ from atlas.shards import write_shard
 from workers.families import get_family
 from workers.models import LoadedModel
 from workers.plan import Unit
+
+log = logging.getLogger(__name__)
 
 
 def code_version() -> str:
@@ -92,7 +95,8 @@ def run_unit(lm: LoadedModel, unit: Unit, shard_root: str | Path, max_attempts: 
             _free_memory()
     else:
         seconds = time.perf_counter() - t0
-        error = "\n".join(errors) + "\n" + last_trace
+        log.error("unit %s failed:\n%s", unit.run_id, last_trace)  # the traceback stays in the worker's log:
+        error = "\n".join(errors)  # runs.error is readable through SQL and the server, so no source paths
         run = run_row(unit, lm, "failed", started, seconds, 0, unit.config, error)
         return UnitResult(unit.run_id, False, run=run, model=lm.models_row(), error=error,
                           seconds=seconds)
