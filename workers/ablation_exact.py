@@ -212,19 +212,65 @@ def exact_effects(lm: LoadedModel, probe: Probe, cache: CleanCache, reps: list[t
     b = probe.tokens.shape[0]
     chunk = heads_per_pass or heads_per_forward(lm, probe)
     effects = _empty_effects(a.n_layers, a.n_heads, cache.metrics)
+    buckets = row_buckets(probe)
     for layer in range(a.n_layers) if layers is None else layers:
         for start in range(0, a.n_heads, chunk):
             heads = list(range(start, min(start + chunk, a.n_heads)))
             c = len(heads)
-            resid = cache.resid[layer].repeat(c, 1, 1)  # (c*B, T, d_model)
-            with (torch.inference_mode(), resumed_at(lm, layer, resid),
-                  edit_z(a, _stacked_edit(layer, heads, reps[layer], b), [layer])):
-                logits = probe.logits(lm, copies=c).cpu()
+            if len(buckets) == 1:
+                resid = cache.resid[layer].repeat(c, 1, 1)  # (c*B, T, d_model)
+                with (torch.inference_mode(), resumed_at(lm, layer, resid),
+                      edit_z(a, _stacked_edit(layer, heads, reps[layer], b), [layer])):
+                    logits = probe.logits(lm, copies=c).cpu()
+            else:
+                logits = _bucketed_logits(lm, probe, cache, reps, layer, heads, buckets)
             for j, head in enumerate(heads):
                 got = probe.metrics(logits[j * b:(j + 1) * b])
                 for name, value in got.items():
                     effects[name][layer, head] = value - cache.metrics[name]
     return effects
+
+
+def row_buckets(probe: Probe, most: int = 3) -> list[tuple[torch.Tensor, int]]:
+    """(rows, width) groups: prompts of a last-token probe sorted by length and cut where that saves
+    the most padding (a right-padded batch computes every row at the longest prompt's width), into at
+    most `most` groups. Other probes: one group, every row at full width."""
+    b, t = probe.tokens.shape
+    if not probe.per_row or b < 2:
+        return [(torch.arange(b), t)]
+    order = probe.positions.argsort(stable=True)
+    width = (probe.positions[order] + 1).tolist()  # ascending: a group costs its size x its last width
+    best = {(0, 0): (0, [])}  # (rows placed, groups used) -> (tokens, cut points)
+    for used in range(most):
+        for (placed, groups), (cost, cuts) in list(best.items()):
+            if groups != used or placed == b:
+                continue
+            for end in range(placed + 1, b + 1):
+                key, total = (end, groups + 1), cost + (end - placed) * width[end - 1]
+                if key not in best or total < best[key][0]:
+                    best[key] = (total, [*cuts, end])
+    _, cuts = min(v for (placed, _), v in best.items() if placed == b)
+    starts = [0, *cuts[:-1]]
+    return [(order[lo:hi], width[hi - 1]) for lo, hi in zip(starts, cuts, strict=True)]
+
+
+def _bucketed_logits(lm: LoadedModel, probe: Probe, cache: CleanCache, reps: list[torch.Tensor], layer: int,
+                     heads: list[int], buckets: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
+    """Per-row logits (c*B, 1, V) of the stacked ablations, each length group at its own width."""
+    a, b, c = lm.adapter, probe.tokens.shape[0], len(heads)
+    out: torch.Tensor | None = None
+    for rows, width in buckets:
+        n = len(rows)
+        resid = cache.resid[layer][rows, :width].repeat(c, 1, 1)
+        with (torch.inference_mode(), resumed_at(lm, layer, resid),
+              edit_z(a, _stacked_edit(layer, heads, reps[layer][rows, :width], n), [layer])):
+            part = logits_per_row(lm, probe.tokens[rows, :width].repeat(c, 1), probe.positions[rows].repeat(c)).cpu()
+        if out is None:
+            out = torch.empty(c * b, *part.shape[1:])
+        for j in range(c):
+            out[j * b + rows] = part[j * n:(j + 1) * n]
+    assert out is not None
+    return out
 
 
 def naive_effects(lm: LoadedModel, probe: Probe, cache: CleanCache, reps: list[torch.Tensor],

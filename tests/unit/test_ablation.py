@@ -174,3 +174,19 @@ def test_concept_effects_use_each_concepts_own_prompts(tiny_lm, small, concept_f
             torch.testing.assert_close(exact[name][layer, head], ablated - clean, rtol=1e-3, atol=1e-6)
         if mode == "zero":  # AtP is nonzero on the concept's own rows (it was diluted by the others)
             assert est.z[name].abs().sum() > 0
+
+
+def test_row_buckets_cut_padding_and_cover_every_row():
+    from workers.ablation_exact import Probe, row_buckets
+
+    last = torch.tensor([3, 12, 4, 11, 5, 12, 3, 6])
+    probe = Probe("p", torch.zeros(8, 13, dtype=torch.long), last, lambda x: {}, torch.ones(8, 13, dtype=torch.bool),
+                  per_row=True)
+    buckets = row_buckets(probe)
+    assert sorted(torch.cat([rows for rows, _ in buckets]).tolist()) == list(range(8))
+    assert all(width >= int(last[rows].max()) + 1 for rows, width in buckets)
+    assert sum(len(rows) * width for rows, width in buckets) < 8 * 13 * 0.7
+    assert len(buckets) <= 3
+    whole = Probe("q", torch.zeros(2, 5, dtype=torch.long), torch.arange(4), lambda x: {},
+                  torch.ones(2, 5, dtype=torch.bool))
+    assert [(rows.tolist(), width) for rows, width in row_buckets(whole)] == [([0, 1], 5)]
