@@ -16,6 +16,7 @@ at the unembedding's rows/s. wall / floor says how much a family spends beyond i
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -29,6 +30,7 @@ import torch
 
 from workers.families import FAMILIES
 from workers.models import LoadedModel, load, resolve
+from workers.options import validate
 
 
 class Counter:
@@ -83,16 +85,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="llama")
     parser.add_argument("--families", default="all")
+    parser.add_argument("-o", "--option", action="append", default=[], help="family option KEY=VALUE (JSON value)")
     parser.add_argument("--cli", action="store_true", help="also time `atlas build` + `atlas roles` end to end")
     args = parser.parse_args()
     names = list(FAMILIES) if args.families == "all" else args.families.split(",")
+    given = {k: json.loads(v) if v[:1] in "[{0123456789-" else v for k, _, v in (o.partition("=") for o in args.option)}
     print(f"load average before: {os.getloadavg()}", flush=True)
     lm = load(resolve(args.model), "cpu")
     n_layers = lm.adapter.n_layers
     rows = []
     for name in names:
         family = FAMILIES[name]
-        config = family.config({})
+        config = family.config(validate([family], given))
         tps, rps = plain_rates(lm)  # measured next to each family: the machine's load drifts
         with counting(lm) as counter:
             t0 = time.perf_counter()

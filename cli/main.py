@@ -59,7 +59,8 @@ def build(
     concepts: Annotated[str | None, typer.Option(help="Comma-separated concepts, or a concept file (pursuit).")] = None,
     criterion: Annotated[str | None, typer.Option(help="SOMP criterion: l1 (per-sample) or l2 (streamed "
                                                        "covariance) (pursuit).")] = None,
-    verify: Annotated[str | None, typer.Option(help="Editing check grid: small, full or off (pursuit).")] = None,
+    verify: Annotated[str | None, typer.Option(help="Editing check grid: small (default), standard, full "
+                                                    "or off (pursuit).")] = None,
     ablation: Annotated[str | None, typer.Option(help="zero, mean (default) or resample (ablation).")] = None,
     method: Annotated[str | None, typer.Option(help="exact, atp or both (default) (ablation).")] = None,
     max_context: Annotated[int | None, typer.Option(help="Longest haystack in tokens (retrieval).")] = None,

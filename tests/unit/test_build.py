@@ -72,7 +72,7 @@ def test_query_heads_models_commands(tiny_dir: Path, tmp_path: Path) -> None:
      "option 'retrieval_depths' = [1] is not an integer"),
     (["build", "--model", "llama", "--families", "pursuit", "-o", "steps"], 2, "is not KEY=VALUE"),
     (["build", "--model", "llama", "--families", "pursuit", "--verify", "huge"], 2,
-     "option 'verify' = 'huge' is not one of small, full, off"),
+     "option 'verify' = 'huge' is not one of small, standard, full, off"),
     (["build", "--model", "llama", "--families", "pursuit", "--criterion", "l3"], 2, "option 'criterion' = 'l3'"),
     # issue 13: values that used to pass and store NaN "complete" runs or failed runs
     (["build", "--model", "llama", "--families", "patterns", "-o", "probe_n=0"], 2,
