@@ -151,7 +151,7 @@ def _summary(per_seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, 
 
 class AblationFamily:
     name = "ablation"
-    version = 1
+    version = 2  # 2: concept effects over each concept's own prompts (n, stderr); AtP concept estimates undiluted
     stores = ("head_metrics", "run_metrics")
 
     options = (
