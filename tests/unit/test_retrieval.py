@@ -189,3 +189,24 @@ def test_masking_check_reuses_prefixes_without_changing_answers(tiny_lm) -> None
     for name in masks:
         assert together[name] == [one[name][0] for one in alone]
     assert any(v > 0 for values in together.values() for v in values), "nothing decoded matched: a vacuous test"
+
+
+def test_needle_tests_decoded_side_by_side_equal_one_at_a_time(tiny_lm) -> None:
+    """Prompts of one length, prefilled through the prefix cache and stacked: each row's tokens and
+    hits are what its own decode from a fresh prefill gives."""
+    from workers.decode_probe import DecodeProbe, attached
+    from workers.families.retrieval import PrefixCache, decode, decode_tests, prefill, stacked_prefills
+
+    gen = torch.Generator().manual_seed(4)
+    hay = torch.randint(3, 90, (120,), generator=gen).tolist()
+    tests = []
+    for cut in (100, 70, 40, 10):  # the needle (w1 w2 w3) deeper first, like the family's order
+        ids = [1, *hay[:cut], 91, 92, 93, *hay[cut:]]
+        tests.append(_needle_test(ids, (cut + 1, cut + 4)))
+    with torch.inference_mode(), attached(tiny_lm.model, DecodeProbe(record=True)) as probe:
+        stacked = decode_tests(tiny_lm, tests, stacked_prefills(tiny_lm, tests, PrefixCache(tiny_lm)), probe, 7,
+                               [5, 6])
+        alone = [decode(tiny_lm, t, prefill(tiny_lm, t.ids), probe, 7, [5, 6]) for t in tests]
+    for (tokens, hits), (want_tokens, want_hits) in zip(stacked, alone, strict=True):
+        assert tokens == want_tokens and (hits == want_hits).all()
+    assert any(h.sum() > 0 for _, h in alone) or len({tuple(t) for t, _ in alone}) > 1

@@ -71,23 +71,63 @@ def decode(lm: LoadedModel, test: NeedleTest, cache: Any, probe: DecodeProbe, ma
 
     Feeds the last prompt token first, as Wu et al. do, so every step is a q_len = 1 step.
     """
+    return decode_tests(lm, [test], cache, probe, max_new, stops)[0]
+
+
+def decode_tests(lm: LoadedModel, tests: list[NeedleTest], cache: Any, probe: DecodeProbe, max_new: int,
+                 stops: list[int]) -> list[tuple[list[int], np.ndarray]]:
+    """`decode` for several prompts of one length side by side, one batch row each (cache: one row per
+    test, in order); every row gets what its own decode gives: its tokens, and its hits up to and
+    including the step that produced its stop token. One step costs about what a one-row step costs."""
     a = lm.adapter
-    prompt = torch.tensor(test.ids)
-    hits = torch.zeros(a.n_layers, a.n_heads, dtype=torch.long)
-    current, generated = test.ids[-1], []
-    for _ in range(max_new):
-        total = len(test.ids) + len(generated)
-        logits = lm.model(torch.tensor([[current]], device=lm.device), past_key_values=cache,
-                          use_cache=True).logits
-        token = int(logits[0, -1].argmax())
-        if probe.record:
-            pos = probe.absolute(a.n_layers, total)[:, 0].cpu()  # (n_layers, n_heads)
-            hits += copy_hits(pos, prompt, test.span, token)
-        if token in stops:
+    length = len(tests[0].ids)
+    prompts = [torch.tensor(t.ids) for t in tests]
+    hits = [torch.zeros(a.n_layers, a.n_heads, dtype=torch.long) for _ in tests]
+    generated: list[list[int]] = [[] for _ in tests]
+    done = [False] * len(tests)
+    current = torch.tensor([[t.ids[-1]] for t in tests], device=lm.device)
+    for step in range(max_new):
+        tokens = lm.model(current, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1).tolist()
+        pos = probe.absolute(a.n_layers, length + step).cpu() if probe.record else None  # (L, rows, H)
+        for row, token in enumerate(tokens):
+            if done[row]:
+                continue
+            if pos is not None:
+                hits[row] += copy_hits(pos[:, row], prompts[row], tests[row].span, token)
+            if token in stops:
+                done[row] = True
+            else:
+                generated[row].append(token)
+        if all(done):
             break
-        generated.append(token)
-        current = token
-    return generated, hits.numpy()
+        current = torch.tensor(tokens, device=lm.device)[:, None]
+    return [(g, h.numpy()) for g, h in zip(generated, hits, strict=True)]
+
+
+def stacked_prefills(lm: LoadedModel, tests: list[NeedleTest], prefix: PrefixCache) -> Any:
+    """One cache holding every test's prompt (ids[:-1]) as its own batch row; each prompt prefilled
+    through `prefix` (sharing the previous one's haystack), its keys and values copied out."""
+    from transformers import DynamicCache
+
+    rows: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
+    for test in tests:
+        cache = prefix.prefill(test.ids)
+        rows.append([(layer.keys.clone(), layer.values.clone()) for layer in cache.layers])
+    stacked = DynamicCache(config=lm.model.config)
+    for i in range(len(rows[0])):
+        stacked.update(torch.cat([r[i][0] for r in rows]), torch.cat([r[i][1] for r in rows]), i)
+    return stacked
+
+
+def batches(tests: list[NeedleTest], order: list[int], size: int) -> list[list[int]]:
+    """Test indices in `order`, cut into batches of prompts of one token length, at most `size` each."""
+    out: list[list[int]] = []
+    for i in order:
+        if out and len(out[-1]) < size and len(tests[out[-1][0]].ids) == len(tests[i].ids):
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
 
 
 def needle_scores(lm: LoadedModel, tests: list[NeedleTest], masks: dict[str, list[tuple[int, int]]],
@@ -140,6 +180,18 @@ def decode_rows(lm: LoadedModel, test: NeedleTest, cache: Any, rows: int, max_ne
             break
         current = torch.tensor(tokens, device=lm.device)[:, None]
     return generated
+
+
+DECODE_BATCH = 10  # needle prompts decoded side by side (a decode step costs about the same for 1 or 10 rows)
+CACHE_BUDGET = 2**29  # bytes of stacked KV cache (plus as much again for the copies it is built from)
+
+
+def decode_batch(lm: LoadedModel, length: int) -> int:
+    """How many prompts of `length` tokens decode side by side: DECODE_BATCH, fewer for long prompts."""
+    config, a = lm.model.config, lm.adapter
+    n_kv = int(getattr(config, "num_key_value_heads", None) or a.n_heads)
+    per_row = a.n_layers * 2 * n_kv * length * a.d_head * 4
+    return max(1, min(DECODE_BATCH, CACHE_BUDGET // per_row))
 
 
 class PrefixCache:
@@ -256,12 +308,15 @@ class RetrievalFamily:
         stops = stop_ids(lm.tokenizer)
         recalls, scores = [0.0] * len(tests), [np.zeros(0)] * len(tests)
         prefix = PrefixCache(lm)
+        size = decode_batch(lm, max(len(t.ids) for t in tests)) if prefix.enabled else 1  # full attention only
         with torch.inference_mode(), attached(lm.model, DecodeProbe(record=True)) as probe:
-            for i in _haystack_order(tests):
-                test = tests[i]
-                generated, hits = decode(lm, test, prefix.prefill(test.ids), probe, config["max_new_tokens"], stops)
-                recalls[i] = rouge1_recall(test.needle.answer, lm.tokenizer.decode(generated))
-                scores[i] = hits / (test.span[1] - test.span[0])  # (n_layers, n_heads)
+            for batch in batches(tests, _haystack_order(tests), size):
+                group = [tests[i] for i in batch]
+                cache = stacked_prefills(lm, group, prefix) if size > 1 else prefix.prefill(group[0].ids)
+                decoded = decode_tests(lm, group, cache, probe, config["max_new_tokens"], stops)
+                for i, test, (generated, hits) in zip(batch, group, decoded, strict=True):
+                    recalls[i] = rouge1_recall(test.needle.answer, lm.tokenizer.decode(generated))
+                    scores[i] = hits / (test.span[1] - test.span[0])  # (n_layers, n_heads)
         kept = np.array(recalls) > 0.5
         per_test = np.stack(scores)[kept]  # (kept, n_layers, n_heads)
         n = int(kept.sum())
