@@ -178,10 +178,10 @@ def test_masking_check_reuses_prefixes_without_changing_answers(tiny_lm) -> None
 
     gen = torch.Generator().manual_seed(3)
     shared = torch.randint(3, 90, (80,), generator=gen).tolist()
-    tests = [_needle_test([1, *shared, *torch.randint(3, 90, (n,), generator=gen).tolist()], (5, 9))
-             for n in (30, 20, 25)]
-    for test in tests:
-        object.__setattr__(test, "depth", float(len(test.ids)))  # distinct depths: a fixed order
+    tests = [_needle_test([1, *shared, *torch.randint(3, 90, (25,), generator=gen).tolist()], (5, 9))
+             for _ in range(3)]  # one length: decoded side by side, 3 tests x 2 masks
+    for depth, test in enumerate(tests):
+        object.__setattr__(test, "depth", float(depth))  # distinct depths: a fixed order
     masks = {"top": [(0, 1), (2, 3)], "random_0": [(1, 2)]}
     object.__setattr__(tests[0].needle, "answer", "w5 w7 w9 w11 w13 w15 w17 w19 w21 w23 w25 w27 w29 w31")
     together = needle_scores(tiny_lm, tests, masks, 8)

@@ -133,24 +133,32 @@ def batches(tests: list[NeedleTest], order: list[int], size: int) -> list[list[i
 def needle_scores(lm: LoadedModel, tests: list[NeedleTest], masks: dict[str, list[tuple[int, int]]],
                   max_new: int) -> dict[str, list[float]]:
     """ROUGE-1 recall per test under each head mask ({name: heads}): one prefill per test, then every
-    mask decodes side by side, one batch row each (per-row query masks)."""
+    mask decodes side by side, one batch row each (per-row query masks), several tests at a time."""
     stops = stop_ids(lm.tokenizer)
     names = list(masks)
     a = lm.adapter
-    row_mask: dict[int, torch.Tensor] = {}
+    pattern: dict[int, torch.Tensor] = {}  # {layer: (masks, heads)}
     for row, name in enumerate(names):
         for layer, head in masks[name]:
-            row_mask.setdefault(layer, torch.zeros(len(names), a.n_heads, dtype=torch.bool))[row, head] = True
+            pattern.setdefault(layer, torch.zeros(len(names), a.n_heads, dtype=torch.bool))[row, head] = True
     out: dict[str, list[float]] = {name: [0.0] * len(tests) for name in masks}
     prefix = PrefixCache(lm)
-    with torch.inference_mode(), attached(lm.model, DecodeProbe(record=False, row_mask=row_mask)):
-        for i in _haystack_order(tests):
-            test = tests[i]
-            cache = prefix.prefill(test.ids)
-            cache.batch_repeat_interleave(len(names))
-            for name, generated in zip(names, decode_rows(lm, test, cache, len(names), max_new, stops), strict=True):
-                out[name][i] = rouge1_recall(test.needle.answer, lm.tokenizer.decode(generated))
-            cache.batch_select_indices(torch.tensor([0]))  # back to one row: the next prompt's prefix
+    size = max(1, decode_batch(lm, max(len(t.ids) for t in tests)) // len(names)) if prefix.enabled else 1
+    probe = DecodeProbe(record=False)
+    with torch.inference_mode(), attached(lm.model, probe):
+        for batch in batches(tests, _haystack_order(tests), size):
+            group = [tests[i] for i in batch]
+            cache = stacked_prefills(lm, group, prefix) if size > 1 else prefix.prefill(group[0].ids)
+            cache.batch_repeat_interleave(len(names))  # rows: test 0 x every mask, test 1 x every mask, ...
+            probe.row_mask = {layer: rows.repeat(len(group), 1) for layer, rows in pattern.items()}
+            rows = [test for test in group for _ in names]
+            decoded = decode_tests(lm, rows, cache, probe, max_new, stops)
+            for j, i in enumerate(batch):
+                for k, name in enumerate(names):
+                    generated = decoded[j * len(names) + k][0]
+                    out[name][i] = rouge1_recall(tests[i].needle.answer, lm.tokenizer.decode(generated))
+            if size == 1:
+                cache.batch_select_indices(torch.tensor([0]))  # back to one row: the next prompt's prefix
     return out
 
 
@@ -158,28 +166,6 @@ def _haystack_order(tests: list[NeedleTest]) -> list[int]:
     """Test indices grouped by haystack, deepest needle first: each prompt shares the previous one's
     tokens up to its own needle, so PrefixCache prefills only the rest."""
     return sorted(range(len(tests)), key=lambda i: (tests[i].needle.name, tests[i].length, -tests[i].depth))
-
-
-def decode_rows(lm: LoadedModel, test: NeedleTest, cache: Any, rows: int, max_new: int,
-                stops: list[int]) -> list[list[int]]:
-    """Greedy decode of `rows` copies of one prefilled prompt (each row its own mask); a row stops at
-    its first stop token. Rows never interact, so each gets what its own decode would."""
-    current = torch.full((rows, 1), test.ids[-1], dtype=torch.long, device=lm.device)
-    generated: list[list[int]] = [[] for _ in range(rows)]
-    done = [False] * rows
-    for _ in range(max_new):
-        tokens = lm.model(current, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1).tolist()
-        for row, token in enumerate(tokens):
-            if done[row]:
-                continue
-            if token in stops:
-                done[row] = True
-            else:
-                generated[row].append(token)
-        if all(done):
-            break
-        current = torch.tensor(tokens, device=lm.device)[:, None]
-    return generated
 
 
 DECODE_BATCH = 10  # needle prompts decoded side by side (a decode step costs about the same for 1 or 10 rows)
