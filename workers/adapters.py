@@ -92,7 +92,10 @@ class BoundAdapter:
 
     @property
     def unembed(self) -> nn.Module:
-        return _get(self.model, self.spec.unembed)
+        """The unembedding, from transformers' own accessor: attribute names move between releases
+        (GPT-NeoX's `embed_out` is `lm_head` in 5.x); the spec's path is the fallback."""
+        found = self.model.get_output_embeddings()
+        return found if found is not None else _get(self.model, self.spec.unembed)
 
     def post_attn_norm(self, layer: int) -> nn.Module | None:
         """The norm between the attention output and the residual stream, if the architecture has one.

@@ -111,7 +111,7 @@ def probe_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: 
     """The registered attention function; returns (output (b, q_len, H, d), None) like sdpa."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    scaling = module.head_dim ** -0.5 if scaling is None else scaling
+    scaling = _head_dim(module) ** -0.5 if scaling is None else scaling
     probe: DecodeProbe | None = getattr(module, _ATTR, None)
     if probe is None or query.shape[2] != 1:
         if softcap is not None:
@@ -143,10 +143,15 @@ def register() -> None:
     AttentionMaskInterface.register(PROBE_IMPL, sdpa_mask)
 
 
+def _head_dim(module: Any) -> int | None:
+    """d_head of an attention module: `head_dim` in most families, `head_size` in GPT-NeoX."""
+    return getattr(module, "head_dim", None) or getattr(module, "head_size", None)
+
+
 def attention_modules(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """Every module with a layer_idx that calls the attention interface."""
     for module in model.modules():
-        if hasattr(module, "layer_idx") and hasattr(module, "head_dim") and hasattr(module, "scaling"):
+        if hasattr(module, "layer_idx") and _head_dim(module) and hasattr(module, "scaling"):
             yield module
 
 
