@@ -7,7 +7,6 @@ concept scores, so a new family's data appears on the card without touching this
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import pyarrow as pa
@@ -15,20 +14,13 @@ import pyarrow.compute as pc
 import sqlalchemy as sa
 
 from atlas import schema
-from atlas.errors import BadInput, NotFound
+from atlas.errors import NotFound
+from atlas.heads import parse_head
 from atlas.queries import latest, resolve_model_key
 from atlas.store import Atlas
 
 runs = schema.runs
 models = schema.models
-
-
-def parse_head(spec: str) -> tuple[int, int]:
-    """'18.6' (or 'L18H6', '18:6') -> (18, 6)."""
-    match = re.fullmatch(r"\s*L?(\d+)\s*[.:,H]\s*(\d+)\s*", spec, flags=re.I)
-    if not match:
-        raise BadInput(f"'{spec}' is not a head", "write LAYER.HEAD, e.g. 18.6")
-    return int(match.group(1)), int(match.group(2))
 
 
 def _latest_per(table: sa.Table, model_key: str, layer: int, head: int, group: sa.ColumnElement) -> Any:

@@ -21,26 +21,18 @@ exists (no lens readouts yet), `both` is that view.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from atlas.errors import BadInput, NotFound
+from atlas.heads import parse_head
 from atlas.queries import resolve_model_key
 from atlas.store import Atlas
 
 BY = ("both", "profile", "tokens")
 _SPACE_MARKERS = "Ġ▁Ċ "
-
-
-def parse_head(spec: str) -> tuple[int, int]:
-    """`18.6`, `L18.H6`, `L18H6` or `18:6` -> (18, 6)."""
-    found = re.fullmatch(r"\s*[Ll]?(\d+)\s*[.:/]?\s*[Hh]?(\d+)\s*", spec) if spec else None
-    if not found or not re.search(r"[.:/Hh]", spec):
-        raise BadInput(f"'{spec}' is not a head", "write LAYER.HEAD, e.g. 18.6 or L18H6")
-    return int(found.group(1)), int(found.group(2))
 
 
 def _model(atlas: Atlas, spec: str) -> dict[str, Any]:

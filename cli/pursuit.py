@@ -21,16 +21,6 @@ def concept_table(db: Path, concept: str, model: str | None, top: int, all_model
         return concept_across_models(atlas, concept, top) if all_models else concept_heads(atlas, concept, model, top)
 
 
-def _parse_heads(spec: str) -> list[tuple[int, int]]:
-    from atlas.errors import BadInput
-
-    try:
-        return [(int(lay), int(head)) for lay, head in (item.strip().upper().lstrip("L").split(".H")
-                                                          for item in spec.split(",") if item.strip())]
-    except ValueError:
-        raise BadInput(f"cannot read heads '{spec}'", "write them as L3.H2,L5.H0") from None
-
-
 @app.command()
 @reports_errors
 def edit(
@@ -39,7 +29,8 @@ def edit(
     concept: Annotated[str, typer.Option(help="The concept whose top heads are scaled.")] = "colors",
     k: Annotated[int, typer.Option("--k", help="How many top heads (from the atlas).")] = 3,
     alpha: Annotated[float, typer.Option(help="Scale: -1 suppresses, 0 ablates, 5 enhances.")] = -1.0,
-    heads: Annotated[str | None, typer.Option(help="Explicit heads instead of the atlas's: L3.H2,L5.H0.")] = None,
+    heads: Annotated[str | None, typer.Option(help="Explicit heads instead of the atlas's: 3.2,5.0 "
+                                                     "(or L3.H2,L5.H0).")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Greedy tokens to generate.")] = 24,
     db: DbOption = Path(DEFAULT_DB),
     as_json: JsonFlag = False,
@@ -48,11 +39,12 @@ def edit(
 
     Example: atlas edit --model llama --concept colors --k 3 --alpha -1 "The sky on a clear day is"
     """
+    from atlas.heads import parse_heads
     from cli.output import stderr
     from workers.editing import edit_from_atlas
 
     result = edit_from_atlas(str(db), model, concept, k, alpha, prompt,
-                             _parse_heads(heads) if heads else None, max_new_tokens)
+                             parse_heads(heads) if heads else None, max_new_tokens)
     if as_json:
         emit_json(result)
         return

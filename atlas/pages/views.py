@@ -17,6 +17,7 @@ from fastapi import FastAPI, Query
 from fastapi.responses import HTMLResponse, RedirectResponse
 
 from atlas import queries
+from atlas.heads import HEAD
 from atlas.pages import data
 from atlas.pages.data import check_index, check_top
 
@@ -153,7 +154,7 @@ def add_compare(app: FastAPI, service: Any) -> None:
             return HTMLResponse(render_html(_compare(atlas, models, metrics, concepts, top)))
 
 
-HEAD_SPEC = re.compile(r"^(?P<model>.+?)[\s/]+L?(?P<layer>\d+)[\s./]+H?(?P<head>\d+)$", re.IGNORECASE)
+HEAD_SPEC = re.compile(rf"^(?P<model>.+?)[\s/]+{HEAD}$")  # `llama 3.4`, `llama/3/4`, `llama L3H4`
 
 
 def _search(atlas: Any, q: str) -> Any:

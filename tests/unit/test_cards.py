@@ -89,3 +89,18 @@ def test_promotes_ranks_heads_by_their_stored_score(atlas_db: Path, tiny_lm) -> 
     assert cli.exit_code == NotFound.exit_code and "several tokens" in cli.output
     both = runner.invoke(app, ["heads", "--promotes", top, "--metric", "x", "--db", str(atlas_db)])
     assert both.exit_code == BadInput.exit_code
+
+
+@pytest.mark.parametrize("spec", ["18.6", "L18.H6", "L18H6", "18:6", "18/6", "l18 h6", " 18.6 ", "L18 6"])
+def test_one_head_parser_reads_every_spelling(spec: str) -> None:
+    """Issue 18: `atlas show llama L18.H6` failed while `atlas match` took it; `edit --heads 18.6` failed."""
+    from atlas.heads import parse_heads
+
+    assert parse_head(spec) == (18, 6)
+    assert parse_heads(f"{spec},3.2") == [(18, 6), (3, 2)]
+
+
+@pytest.mark.parametrize("spec", ["186", "", "a.b", "18.6.1", "L18", "18.", "H6"])
+def test_one_head_parser_refuses_what_is_not_a_head(spec: str) -> None:
+    with pytest.raises(BadInput):
+        parse_head(spec)
