@@ -20,7 +20,7 @@ import torch
 
 from workers.concepts import load_concepts, tokenize_concept
 from workers.editing import layer_matched_random, measure, top_heads
-from workers.families.pursuit import PursuitFamily, final_gain, pooled_z, rank_concepts, stacked_w_o
+from workers.families.pursuit import PursuitFamily, final_gain, pooled_z, rank_concepts, readable_write, stacked_w_o
 from workers.models import load, resolve
 from workers.somp import CovarianceAccumulator, somp_reference
 
@@ -44,7 +44,7 @@ def main() -> None:
     z, _ = pooled_z(lm, prompts, config["batch"])
     pool_s = time.perf_counter() - t0
     flat = z.reshape(z.shape[0], a.n_layers * a.n_heads, a.d_head)
-    w_o, gain = stacked_w_o(lm), final_gain(lm)
+    w_o, gain = readable_write(lm, stacked_w_o(lm)), final_gain(lm)
     acc = CovarianceAccumulator(a.n_layers * a.n_heads, a.d_head)
     acc.update(flat)
     pairs = [(c.name, ids[c.name]) for c in concepts if ids[c.name]]

@@ -266,3 +266,27 @@ def test_resumed_prefill_decodes_the_same_tokens_as_generate(architecture, tmp_p
                                          pad_token_id=pad, temperature=None, top_p=None, top_k=None)[:, inp.shape[1]:]
             mine = out[i * 3:(i + 1) * 3]
             assert torch.equal(mine, want[:, :mine.shape[1]])
+
+
+def test_layernorm_models_rank_what_the_unembedding_reads(tmp_path, concept_file: str) -> None:
+    """Issue 14: on GPT-2 (LayerNorm) a head's write along the all-ones direction never reaches W_U;
+    adding it to one head's W_O changes no logit, and must change no pursuit score either."""
+    from tests.tiny import save_tiny
+    from workers.models import load, resolve
+
+    family = PursuitFamily()
+    config = family.config({"concepts": concept_file, "steps": 3, "verify": "off", "readout_atoms": 2})
+    lm = load(resolve(str(save_tiny(tmp_path / "gpt2", "GPT2LMHeadModel"))), "cpu")
+    before = {(r["layer"], r["head"], r["concept"]): r["score"]
+              for r in family.run(lm, config).tables["concept_scores"]}
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21]])
+    with torch.inference_mode():
+        logits = lm.model(ids).logits
+        proj = lm.adapter.out_proj(1)  # Conv1D: weight (d_in = heads * d_head, d_model)
+        d_head = lm.adapter.d_head
+        proj.weight[d_head:2 * d_head] += 3.0  # head 1 of layer 1 writes more along (1, ..., 1)
+        torch.testing.assert_close(lm.model(ids).logits, logits, rtol=1e-4, atol=1e-4)  # invisible to W_U
+    after = {(r["layer"], r["head"], r["concept"]): r["score"]
+             for r in family.run(lm, config).tables["concept_scores"]}
+    for key, value in before.items():
+        assert after[key] == pytest.approx(value, abs=1e-4), key

@@ -63,7 +63,8 @@ VERIFY_GRIDS = {
 
 class PursuitFamily:
     name = "pursuit"
-    version = 2  # 2: Gemma 2/3 post-attention norm in the head write; specificity ranking
+    version = 3  # 2: Gemma 2/3 post-attention norm in the head write, specificity ranking; 3: LayerNorm
+    # models' head writes centred (readable_write)
     stores = ("concepts", "concept_scores", "head_metrics", "head_tokens", "edits", "run_metrics")
 
     options = (
@@ -123,6 +124,7 @@ class PursuitFamily:
             "head_write": "z W_O^h; after a post-attention norm (Gemma 2/3): gamma_post * z W_O^h / rms(attention "
                           "output) per token, the gain folded into W_O and 1/rms into the pooling weights",
             "centering": True, "atom_order": "selection",
+            "layernorm_models": "head write centred over d_model (C W_O^h), what the unembedding reads",
             "o_proj_bias": "not part of any head (none in Llama/Gemma)",
             "logit_lens_score": "mean over samples and concept tokens of (W_U diag(gamma))_j . (z W_O^h)",
             "readout": {"atoms": o["readout_atoms"], "criterion": "l2",
@@ -152,7 +154,7 @@ class PursuitFamily:
         log.info("pooled %d samples in %.1fs", len(prompts), time.perf_counter() - t0)
         n, n_layers, n_heads, d_head = z.shape
         flat = z.reshape(n, n_layers * n_heads, d_head)
-        w_o = stacked_w_o(lm)
+        w_o = readable_write(lm, stacked_w_o(lm))
         acc = CovarianceAccumulator(n_layers * n_heads, d_head)
         acc.update(flat)
         gain = final_gain(lm)
@@ -195,6 +197,16 @@ def stacked_w_o(lm: LoadedModel) -> torch.Tensor:
     a = lm.adapter
     return torch.stack([a.w_write(layer).cpu() for layer in range(a.n_layers)]).reshape(
         a.n_layers * a.n_heads, a.d_head, -1)
+
+
+def readable_write(lm: LoadedModel, w_o: torch.Tensor) -> torch.Tensor:
+    """The part of each head's write the unembedding can read: with a LayerNorm final norm (GPT-2,
+    GPT-NeoX) the mean over d_model is removed before anything reaches W_U, so the write is centred,
+    C W_O^h, as the lens family does; RMSNorm models (Llama, Gemma, ...) keep it whole. Without this,
+    a head's invisible mean direction counted as variance no concept could explain."""
+    if isinstance(lm.adapter.final_norm, torch.nn.LayerNorm):
+        return w_o - w_o.mean(-1, keepdim=True)
+    return w_o
 
 
 def rank_concepts(lm: LoadedModel, flat: torch.Tensor, w_o: torch.Tensor, acc: CovarianceAccumulator,
