@@ -123,6 +123,13 @@ class BoundAdapter:
         eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-6)))
         return out.square().mean(-1).add(eps).rsqrt()
 
+    def write_input(self, layer: int, z: torch.Tensor) -> torch.Tensor:
+        """z (batch, pos, n_heads, d_head) such that z @ w_write(layer) is each head's real write into the
+        residual stream: scaled by the post-attention norm's per-token 1/rms where there is one (Gemma
+        2/3), unchanged elsewhere. Every family that reads head writes from z goes through here."""
+        scale = self.write_scale(layer, z)
+        return z if scale is None else z * scale[..., None, None].to(z.dtype)
+
     def kv_head(self, head: int) -> int:
         return head // (self.n_heads // self.n_kv_heads)
 

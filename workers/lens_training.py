@@ -34,6 +34,7 @@ from workers.models import LoadedModel
 from workers.probes import bos_id
 
 Progress = Callable[[str], None]
+LENS_VERSION = 2  # 2: Gemma 2/3 lens inputs carry the post-attention norm's 1/rms (the init is the logit lens)
 
 
 @dataclass
@@ -94,8 +95,8 @@ def collect(lm: LoadedModel, docs: list[list[int]], layers: list[int], batch: in
         with clean_run(a) as run:
             lm.model(ids.to(lm.device), attention_mask=mask.to(lm.device))
         keep = keep.to(lm.device)
-        for layer in layers:
-            zs[layer].append(run["z"][layer][keep].float().cpu())  # (n, H, K)
+        for layer in layers:  # the head's real write is write_input(z) @ w_write: Gemma 2/3's 1/rms included
+            zs[layer].append(a.write_input(layer, run["z"][layer].float())[keep].cpu())  # (n, H, K)
         finals.append(run["norm_out"][keep].float().cpu())
         scales.append(frozen_scale(run["norm_in"], run["norm_out"], gamma, beta, centred)[keep].cpu())
         n_tokens += int(mask.sum())
@@ -292,7 +293,8 @@ def train_lenses(model: str, db: str | Path, *, layers: str | None = None, steps
               "window": window, "seed": seed, "held_out": "every 5th document (else the last)",
               "init": "logit lens s_bar * W_U diag(gamma) C W_O^h^T, bias 0",
               "loss": "KL(P_model || softmax(A_h z + b_h)) per head, non-pad positions after BOS",
-              "optimizer": "Adam", "dtype": "float32"}
+              "optimizer": "Adam", "dtype": "float32",
+              "version": LENS_VERSION, "head_input": "z as the head writes it (Gemma 2/3: x 1/rms of the post-norm)"}
     weights_hash = stable_hash([source.key, config])
     run_config = {**config, "steps": steps}
     run_id = "lens_trained-" + stable_hash([source.key, run_config])
@@ -314,7 +316,7 @@ def train_lenses(model: str, db: str | Path, *, layers: str | None = None, steps
         tables = _tables(results, baseline, folder)
         trained_positions = sum(r.positions for r in results)
         train_s = sum(r.seconds for r in results)
-        run = {"run_id": run_id, "model_key": source.key, "family": "lens_trained", "family_version": 1,
+        run = {"run_id": run_id, "model_key": source.key, "family": "lens_trained", "family_version": LENS_VERSION,
                "probe_set": f"corpus:{text.corpus_id}:docs={len(all_docs)}:window={window}",
                "config": {**run_config, "weights": str(folder), "held_out_positions": len(held.final),
                           "train_positions": len(train.final)},

@@ -132,3 +132,27 @@ def test_resumed_training_equals_straight_training(tiny_lm, corpus_file: Path, t
     assert resumed.resumed_from == 3
     assert resumed.kl_after == pytest.approx(straight.kl_after, rel=1e-4)
     assert all(a < b for a, b in zip(straight.kl_after, straight.kl_before, strict=True))
+
+
+def test_trained_lens_inputs_are_the_heads_real_writes_on_gemma(tmp_path: Path) -> None:
+    """Issue 14: on Gemma 2/3 a head's write passes the post-attention norm (gain and per-token 1/rms);
+    the lens inputs collected for training, through w_write, must add up to what that norm outputs,
+    so that the logit-lens init (and kl_init) is the logit lens."""
+    from tests.tiny import save_tiny
+    from workers.models import load, resolve
+
+    lm = load(resolve(str(save_tiny(tmp_path / "g", "Gemma3ForCausalLM"))), "cpu")
+    a = lm.adapter
+    docs = [[1, *range(5, 17)], [1, *range(20, 29)]]
+    layer = 1
+    norm = a.post_attn_norm(layer)
+    seen: list[torch.Tensor] = []
+    handle = norm.register_forward_hook(lambda m, i, out: seen.append(out.detach()))
+    try:
+        data = collect(lm, docs, [layer])
+    finally:
+        handle.remove()
+    ids, mask = pad_batch(docs, 0)
+    written = seen[0][training_positions(mask)].float()  # (n, d_model): the norm's output, kept positions
+    summed = torch.einsum("nhk,hkd->nd", data.z[layer], a.w_write(layer).float().cpu())
+    torch.testing.assert_close(summed, written, rtol=1e-3, atol=1e-4)

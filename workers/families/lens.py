@@ -189,10 +189,7 @@ class LensStats:
         de = torch.empty(tokens.shape[0], a.n_layers, a.n_heads, device=self.device)
         dec = torch.empty_like(de)
         for layer in range(a.n_layers):
-            z = run["z"][layer][:, 1:-1].float()  # (B, P, H, K)
-            post = a.write_scale(layer, z)  # Gemma 2/3: the post-attention norm's per-token 1/rms
-            if post is not None:
-                z = z * post[..., None, None]
+            z = a.write_input(layer, run["z"][layer][:, 1:-1].float())  # (B, P, H, K); Gemma 2/3: 1/rms in
             g = head_readout_matrix(a, layer, self.gamma, self.centred)  # (H, K, d_model)
             target = torch.einsum("bpd,hkd->bphk", u, g)  # next-token rows in head space (B, P, H, K)
             mean_row = torch.einsum("d,hkd->hk", u_mean, g)  # (H, K)
