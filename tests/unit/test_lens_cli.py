@@ -152,7 +152,7 @@ def test_trained_lens_inputs_are_the_heads_real_writes_on_gemma(tmp_path: Path) 
         data = collect(lm, docs, [layer])
     finally:
         handle.remove()
-    ids, mask = pad_batch(docs, 0)
+    _, mask = pad_batch(docs, 0)
     written = seen[0][training_positions(mask)].float()  # (n, d_model): the norm's output, kept positions
     summed = torch.einsum("nhk,hkd->nd", data.z[layer], a.w_write(layer).float().cpu())
     torch.testing.assert_close(summed, written, rtol=1e-3, atol=1e-4)
