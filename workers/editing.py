@@ -99,12 +99,6 @@ def _left_padded(lm: LoadedModel, texts: list[str]) -> tuple[torch.Tensor, torch
     return ids, mask, pad
 
 
-def _chunks(n_rows: int, per_row_bytes: int) -> Iterator[slice]:
-    step = max(1, LOGIT_BUDGET // max(per_row_bytes, 1))
-    for start in range(0, n_rows, step):
-        yield slice(start, min(n_rows, start + step))
-
-
 def greedy(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, pad: int
            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded prompts (rows, T): next-token logits after each prompt (rows, vocab) and the greedy
@@ -390,11 +384,8 @@ def edit_prompt(lm: LoadedModel, heads: Heads, alpha: float, prompt: str, concep
     scales = scale_tensor(settings, alpha, lm.adapter.n_layers, lm.adapter.n_heads, 1)
     ids, mask, pad = _left_padded(lm, [prompt, prompt])
     with torch.inference_mode(), row_scales(lm, scales):
-        inp, att = ids.to(lm.device), mask.to(lm.device)
-        logits = lm.model(inp, attention_mask=att, logits_to_keep=1).logits[:, -1]
-        out = lm.model.generate(inp, attention_mask=att, max_new_tokens=max_new_tokens, do_sample=False,
-                                pad_token_id=pad, temperature=None, top_p=None, top_k=None)
-    before, after = lm.tokenizer.batch_decode(out[:, inp.shape[1]:], skip_special_tokens=True)
+        logits, out = greedy(lm, ids.to(lm.device), mask.to(lm.device), max_new_tokens, pad)  # one prefill
+    before, after = lm.tokenizer.batch_decode(out.cpu(), skip_special_tokens=True)
     result: dict[str, Any] = {"prompt": prompt, "heads": [list(h) for h in heads], "alpha": alpha,
                               "before": before, "after": after}
     if found is not None:
