@@ -15,7 +15,6 @@ so a batch holds every selection x prompt at once.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import random
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 from workers.concepts import Concept, ConceptTokens, concept_mass, count_concept_words, load_concepts
 from workers.corpora import load_corpus, token_windows
 from workers.hooks import edit_z
+from workers.kv_cache import new_cache, stacked, with_cache
 from workers.models import LoadedModel
 from workers.probes import bos_id
 
@@ -105,9 +105,7 @@ def greedy(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, max_new_token
     continuation (rows, <= max_new_tokens), pad after a row's end-of-sequence token, like
     `generate(do_sample=False)`. The prompt runs once: its logits are the concept mass's and the
     first generated token's (generate would prefill the prompt a second time)."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=lm.model.config)
+    cache = new_cache(lm.model)
     first = _prefill(lm, ids, mask, cache)
     return first, _decode(lm, cache, first, mask, max_new_tokens, pad)
 
@@ -118,8 +116,8 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
 
 def _prefill(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, cache: Any) -> torch.Tensor:
     """Run left-padded prompts into `cache`; the logits after each prompt, (rows, vocab) float32."""
-    out = lm.model(ids, attention_mask=mask, position_ids=_positions(mask), past_key_values=cache, use_cache=True,
-                   logits_to_keep=1)
+    out = lm.model(ids, attention_mask=mask, position_ids=_positions(mask), logits_to_keep=1,
+                   **with_cache(lm.model, cache))
     return out.logits[:, -1].float()
 
 
@@ -140,8 +138,7 @@ def _decode(lm: LoadedModel, cache: Any, first: torch.Tensor, mask: torch.Tensor
             break
         mask = torch.cat([mask, mask.new_ones(rows, 1)], 1)
         last = last + 1
-        out = lm.model(token[:, None], attention_mask=mask, position_ids=last[:, None], past_key_values=cache,
-                       use_cache=True)
+        out = lm.model(token[:, None], attention_mask=mask, position_ids=last[:, None], **with_cache(lm.model, cache))
         token = out.logits[:, -1].argmax(-1)
     return torch.stack(generated, 1) if generated else mask.new_zeros(rows, 0)
 
@@ -153,8 +150,6 @@ class CleanPrompts:
     edited batch starts at l from the cached residual, and its cache below l is the clean one."""
 
     def __init__(self, lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor) -> None:
-        from transformers import DynamicCache
-
         self.ids, self.mask = ids, mask
         blocks = lm.adapter.blocks
         self.resid: list[torch.Tensor] = [torch.empty(0)] * len(blocks)
@@ -164,7 +159,7 @@ class CleanPrompts:
 
         handles = [block.register_forward_pre_hook(lambda m, a, k, _l=i: keep(m, a, k, _l), with_kwargs=True)
                    for i, block in enumerate(blocks)]
-        self.cache = DynamicCache(config=lm.model.config)
+        self.cache = new_cache(lm.model)
         try:
             self.first = _prefill(lm, ids, mask, self.cache)
         finally:
@@ -174,11 +169,9 @@ class CleanPrompts:
     def prefill_from(self, lm: LoadedModel, start: int, copies: int) -> tuple[Any, torch.Tensor]:
         """`copies` stacked copies of the prompts run from layer `start` (edits attached by the caller):
         their cache (the clean one below `start`) and the logits after each prompt."""
-        from transformers import DynamicCache
-
         from workers.ablation_exact import resumed_at
 
-        cache = DynamicCache(config=lm.model.config)
+        cache = new_cache(lm.model)
         ids, mask = self.ids.repeat(copies, 1), self.mask.repeat(copies, 1)
         with resumed_at(lm, start, self.resid[start].repeat(copies, 1, 1)):
             first = _prefill(lm, ids, mask, cache)
@@ -186,18 +179,6 @@ class CleanPrompts:
             keys, values = self.cache.layers[layer].keys, self.cache.layers[layer].values
             cache.update(keys.repeat(copies, 1, 1, 1), values.repeat(copies, 1, 1, 1), layer)
         return cache, first
-
-    def decode_copies(self, lm: LoadedModel, copies: int, max_new_tokens: int, pad: int
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The unedited prompts, `copies` times: the logits after each prompt and their continuations."""
-        cache = copy.deepcopy(self.cache)
-        if copies > 1:
-            cache.batch_repeat_interleave(copies)  # row r -> rows r*copies .. : reorder to setting-major below
-        first = self.first.repeat_interleave(copies, 0) if copies > 1 else self.first
-        mask = self.mask.repeat_interleave(copies, 0) if copies > 1 else self.mask
-        out = _decode(lm, cache, first, mask, max_new_tokens, pad)
-        order = torch.arange(len(first)).view(len(self.first), copies).T.flatten()  # prompt-major -> copy-major
-        return first[order], out[order]
 
 
 @torch.inference_mode()
@@ -217,19 +198,25 @@ def measure(lm: LoadedModel, concept: Concept, ids: list[int], settings: Sequenc
     clean = CleanPrompts(lm, ids_p.to(lm.device), mask_p.to(lm.device))
     first: list[torch.Tensor] = [torch.empty(0)] * len(settings)  # per setting: logits after each prompt (p, V)
     tokens: list[torch.Tensor] = [torch.empty(0)] * len(settings)  # per setting: continuations (p, new)
-    per_chunk = max(1, LOGIT_BUDGET // (p * vocab * 4 * 2))
+    per_chunk = max(1, LOGIT_BUDGET // (p * vocab * 4 * 2))  # settings per decode batch
+    parts: list[tuple[list[int], Any, torch.Tensor]] = []  # (settings, their prompts' cache, logits after them)
     for start, members in _by_lowest_edited_layer(scales[::p]).items():
+        if start == n_layers:  # edits nothing: the clean prompts' own cache and logits
+            parts += [([i], clean.cache, clean.first) for i in members]
+            continue
         for c in range(0, len(members), per_chunk):
             chunk = members[c:c + per_chunk]
-            if start == n_layers:  # edits nothing: the clean prompts' own logits and cache
-                logits, out = clean.decode_copies(lm, len(chunk), max_new_tokens, pad)
-            else:
-                rows = torch.cat([torch.arange(i * p, (i + 1) * p) for i in chunk])
-                with row_scales(lm, scales[rows]):
-                    cache, logits = clean.prefill_from(lm, start, len(chunk))
-                    out = _decode(lm, cache, logits, clean.mask.repeat(len(chunk), 1), max_new_tokens, pad)
-            for j, i in enumerate(chunk):
-                first[i], tokens[i] = logits[j * p:(j + 1) * p], out[j * p:(j + 1) * p]
+            with row_scales(lm, scales[_rows(chunk, p)]):
+                cache, logits = clean.prefill_from(lm, start, len(chunk))
+            parts.append((chunk, cache, logits))
+    for b in _decode_batches(parts, per_chunk):  # every start layer decodes side by side: big batches
+        order = [i for chunk, _, _ in b for i in chunk]
+        logits = torch.cat([part_logits for _, _, part_logits in b])
+        kv = stacked(lm.model, [cache for _, cache, _ in b], len(order) * p, max_new_tokens)
+        with row_scales(lm, scales[_rows(order, p)]):
+            out = _decode(lm, kv, logits, clean.mask.repeat(len(order), 1), max_new_tokens, pad)
+        for j, i in enumerate(order):
+            first[i], tokens[i] = logits[j * p:(j + 1) * p], out[j * p:(j + 1) * p]
     mass = [concept_mass(torch.cat(first), ids_t).cpu()]
     words = []
     if max_new_tokens:
@@ -243,6 +230,22 @@ def measure(lm: LoadedModel, concept: Concept, ids: list[int], settings: Sequenc
     if windows is not None:
         result["corpus_loss"] = corpus_loss(lm, windows, settings, alpha)
     return result
+
+
+def _rows(settings: list[int], p: int) -> torch.Tensor:
+    """Batch rows of the settings, `p` prompts each, setting-major."""
+    return torch.cat([torch.arange(i * p, (i + 1) * p) for i in settings])
+
+
+def _decode_batches(parts: list[tuple[list[int], Any, torch.Tensor]], most: int
+                    ) -> list[list[tuple[list[int], Any, torch.Tensor]]]:
+    """Consecutive parts cut into batches of at most `most` settings (a lone bigger part stays whole)."""
+    out: list[list[tuple[list[int], Any, torch.Tensor]]] = [[]]
+    for part in parts:
+        if out[-1] and sum(len(chunk) for chunk, _, _ in out[-1]) + len(part[0]) > most:
+            out.append([])
+        out[-1].append(part)
+    return out if out[0] else []
 
 
 class CleanWindows:
@@ -326,6 +329,7 @@ def verify(lm: LoadedModel, concepts: list[Concept], tokens: dict[str, ConceptTo
         picks: list[tuple[int, float, dict[str, Heads]]] = []
         settings: list[Heads] = [[]]  # setting 0: the unedited model
         alphas: list[float] = [1.0]
+        setting_k: list[int | None] = [None]
         for k in ks:
             picked = top_heads(scores[concept.name], k)
             named: dict[str, Heads] = {"pursuit": picked, "logit-lens": top_heads(ll_scores[concept.name], k)}
@@ -336,12 +340,23 @@ def verify(lm: LoadedModel, concepts: list[Concept], tokens: dict[str, ConceptTo
                 picks.append((k, alpha, named))
                 settings += named.values()
                 alphas += [alpha] * len(named)
-        measured = measure(lm, concept, tokens[concept.name].ids, settings, alphas, clean, grid["max_new_tokens"])
+                setting_k += [k] * len(named)
+        measured: dict[str, list[float | None]] = dict(
+            measure(lm, concept, tokens[concept.name].ids, settings, alphas, None, grid["max_new_tokens"]))
+        if clean is not None:  # the side effect: for every setting, or the unedited one and the largest k's
+            loss_ks = set(ks) if grid.get("loss_at", "every") == "every" else {max(ks)}
+            wanted = [0] + [i for i, k in enumerate(setting_k) if k in loss_ks]
+            losses = corpus_loss(lm, clean, [settings[i] for i in wanted], [alphas[i] for i in wanted])
+            measured["corpus_loss"] = [None] * len(settings)
+            for i, value in zip(wanted, losses, strict=True):
+                measured["corpus_loss"][i] = value
         before = {metric: values[0] for metric, values in measured.items()}
         at = 1
         for k, alpha, named in picks:
             for metric, values in measured.items():
                 after = values[at:at + len(named)]
+                if any(value is None for value in after):  # not measured at this k (loss_at = largest)
+                    continue
                 for (selection, heads), value in zip(named.items(), after, strict=True):
                     edits.append({"edit_id": f"{concept.name}:k={k}:alpha={alpha:g}:{selection}:{metric}",
                                   "concept": concept.name, "k": k, "alpha": alpha, "selection": selection,

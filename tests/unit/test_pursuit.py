@@ -290,3 +290,23 @@ def test_layernorm_models_rank_what_the_unembedding_reads(tmp_path, concept_file
              for r in family.run(lm, config).tables["concept_scores"]}
     for key, value in before.items():
         assert after[key] == pytest.approx(value, abs=1e-4), key
+
+
+@pytest.mark.parametrize("loss_at", ["every", "largest"])
+def test_corpus_loss_side_effect_at_every_k_or_the_largest(tiny_lm, concept_file: str, loss_at: str) -> None:
+    """The small grid measures the side effect where it is largest; the values it keeps are the ones
+    measuring every k gives."""
+    family = PursuitFamily()
+    options = {"concepts": concept_file, "steps": 3, "readout_atoms": 2, "readout_candidates": 8, **SMALL,
+               "k_fractions": [0.1, 0.3], "loss_at": loss_at}
+    edits = family.run(tiny_lm, family.config(options)).tables["edits"]
+    ks = sorted({e["k"] for e in edits})
+    assert len(ks) == 2
+    loss_ks = {e["k"] for e in edits if e["metric"] == "corpus_loss"}
+    assert loss_ks == (set(ks) if loss_at == "every" else {ks[-1]})
+    assert {e["k"] for e in edits if e["metric"] == "concept_mass"} == set(ks)
+    if loss_at == "largest":
+        every = family.run(tiny_lm, family.config({**options, "loss_at": "every"})).tables["edits"]
+        want = {e["edit_id"]: e["after"] for e in every if e["metric"] == "corpus_loss" and e["k"] == ks[-1]}
+        got = {e["edit_id"]: e["after"] for e in edits if e["metric"] == "corpus_loss"}
+        assert got.keys() == want.keys() and all(got[i] == pytest.approx(want[i], abs=1e-5) for i in got)

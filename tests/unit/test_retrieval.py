@@ -204,7 +204,7 @@ def test_needle_tests_decoded_side_by_side_equal_one_at_a_time(tiny_lm) -> None:
         ids = [1, *hay[:cut], 91, 92, 93, *hay[cut:]]
         tests.append(_needle_test(ids, (cut + 1, cut + 4)))
     with torch.inference_mode(), attached(tiny_lm.model, DecodeProbe(record=True)) as probe:
-        stacked = decode_tests(tiny_lm, tests, stacked_prefills(tiny_lm, tests, PrefixCache(tiny_lm)), probe, 7,
+        stacked = decode_tests(tiny_lm, tests, stacked_prefills(tiny_lm, tests, PrefixCache(tiny_lm), 7), probe, 7,
                                [5, 6])
         alone = [decode(tiny_lm, t, prefill(tiny_lm, t.ids), probe, 7, [5, 6]) for t in tests]
     for (tokens, hits), (want_tokens, want_hits) in zip(stacked, alone, strict=True):

@@ -51,20 +51,22 @@ VERIFY_GRIDS = {
     # small (the default build's): issue 4's design (k at 1/2/5%, 10 layer-matched random sets, the
     # logit-lens heads, mass on every held-out prompt) with shorter generations and a shorter loss
     # side effect, so that the whole default atlas builds in minutes on a 2-core CPU
+    # side effect (corpus loss) at the largest k only, where it is largest
     "small": {"k_fractions": [0.01, 0.02, 0.05], "alphas": [-1.0], "n_random": 10, "max_new_tokens": 8,
-              "loss_windows": 2, "window": 64},
+              "loss_windows": 2, "window": 64, "loss_at": "largest"},
     # standard: issue 4's grid as first measured (12 generated tokens, 4 loss windows)
     "standard": {"k_fractions": [0.01, 0.02, 0.05], "alphas": [-1.0], "n_random": 10, "max_new_tokens": 12,
-                 "loss_windows": 4, "window": 64},
+                 "loss_windows": 4, "window": 64, "loss_at": "every"},
+    # full: adds enhancement (alpha 5), longer generations and a longer loss side effect
     "full": {"k_fractions": [0.01, 0.02, 0.05], "alphas": [-1.0, 5.0], "n_random": 10, "max_new_tokens": 24,
-             "loss_windows": 16, "window": 128},  # adds enhancement (alpha 5), longer generations and loss
+             "loss_windows": 16, "window": 128, "loss_at": "every"},
 }
 
 
 class PursuitFamily:
     name = "pursuit"
-    version = 3  # 2: Gemma 2/3 post-attention norm in the head write, specificity ranking; 3: LayerNorm
-    # models' head writes centred (readable_write)
+    version = 4  # 2: Gemma 2/3 post-attention norm in the head write, specificity ranking; 3: LayerNorm
+    # models' head writes centred (readable_write); 4: the small grid measures the corpus loss at the largest k
     stores = ("concepts", "concept_scores", "head_metrics", "head_tokens", "edits", "run_metrics")
 
     options = (
@@ -94,6 +96,8 @@ class PursuitFamily:
                min=0, max=100_000, nullable=True),
         Option("window", "int", None, "editing check: tokens per loss window (grid default)", min=4, max=131072,
                nullable=True),
+        Option("loss_at", "str", None, "editing check: corpus loss at every k or the largest only (grid default)",
+               choices=("every", "largest"), nullable=True),
         SEED, CORPUS, TEXT_FIELD,
     )
 

@@ -23,6 +23,7 @@ heads drawn from the same layers, as in Wu et al.'s `needle_in_haystack_with_mas
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from typing import Any
@@ -33,6 +34,7 @@ import torch
 from workers.corpora import load_corpus
 from workers.decode_probe import DecodeProbe, attached
 from workers.families.base import FamilyResult, head_metric_rows
+from workers.kv_cache import new_cache, stacked, with_cache
 from workers.models import LoadedModel
 from workers.needles import NEEDLES, NeedleTest, build_tests, depth_grid, length_grid, rouge1_recall
 from workers.options import CORPUS, SEED, TEXT_FIELD, Option, resolve
@@ -57,11 +59,8 @@ def copy_hits(pos: torch.Tensor, prompt: torch.Tensor, span: tuple[int, int], to
 
 def prefill(lm: LoadedModel, ids: list[int]) -> Any:
     """Run prompt[:-1] through the model (sdpa path); returns the KV cache. Memory O(T)."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=lm.model.config)
-    lm.model(torch.tensor([ids[:-1]], device=lm.device), past_key_values=cache, use_cache=True,
-             logits_to_keep=1)  # no (T, vocab) logits: the prompt's last token is fed again
+    cache = new_cache(lm.model)  # no (T, vocab) logits below: the prompt's last token is fed again
+    lm.model(torch.tensor([ids[:-1]], device=lm.device), logits_to_keep=1, **with_cache(lm.model, cache))
     return cache
 
 
@@ -87,7 +86,7 @@ def decode_tests(lm: LoadedModel, tests: list[NeedleTest], cache: Any, probe: De
     done = [False] * len(tests)
     current = torch.tensor([[t.ids[-1]] for t in tests], device=lm.device)
     for step in range(max_new):
-        tokens = lm.model(current, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1).tolist()
+        tokens = lm.model(current, **with_cache(lm.model, cache)).logits[:, -1].argmax(-1).tolist()
         pos = probe.absolute(a.n_layers, length + step).cpu() if probe.record else None  # (L, rows, H)
         for row, token in enumerate(tokens):
             if done[row]:
@@ -104,19 +103,13 @@ def decode_tests(lm: LoadedModel, tests: list[NeedleTest], cache: Any, probe: De
     return [(g, h.numpy()) for g, h in zip(generated, hits, strict=True)]
 
 
-def stacked_prefills(lm: LoadedModel, tests: list[NeedleTest], prefix: PrefixCache) -> Any:
-    """One cache holding every test's prompt (ids[:-1]) as its own batch row; each prompt prefilled
-    through `prefix` (sharing the previous one's haystack), its keys and values copied out."""
-    from transformers import DynamicCache
-
-    rows: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
-    for test in tests:
-        cache = prefix.prefill(test.ids)
-        rows.append([(layer.keys.clone(), layer.values.clone()) for layer in cache.layers])
-    stacked = DynamicCache(config=lm.model.config)
-    for i in range(len(rows[0])):
-        stacked.update(torch.cat([r[i][0] for r in rows]), torch.cat([r[i][1] for r in rows]), i)
-    return stacked
+def stacked_prefills(lm: LoadedModel, tests: list[NeedleTest], prefix: PrefixCache, headroom: int,
+                     copies: int = 1) -> Any:
+    """One cache holding every test's prompt (ids[:-1]) as its own batch row, `copies` rows each (test 0
+    x copies, test 1 x copies, ...), with room for `headroom` decoded tokens; each prompt prefilled
+    through `prefix` (sharing the previous one's haystack) and copied into its rows."""
+    rows = (kv for test in tests for kv in itertools.repeat(prefix.prefill(test.ids), copies))
+    return stacked(lm.model, rows, len(tests) * copies, headroom)
 
 
 def batches(tests: list[NeedleTest], order: list[int], size: int) -> list[list[int]]:
@@ -148,8 +141,11 @@ def needle_scores(lm: LoadedModel, tests: list[NeedleTest], masks: dict[str, lis
     with torch.inference_mode(), attached(lm.model, probe):
         for batch in batches(tests, _haystack_order(tests), size):
             group = [tests[i] for i in batch]
-            cache = stacked_prefills(lm, group, prefix) if size > 1 else prefix.prefill(group[0].ids)
-            cache.batch_repeat_interleave(len(names))  # rows: test 0 x every mask, test 1 x every mask, ...
+            if size > 1:  # rows: test 0 x every mask, test 1 x every mask, ...
+                cache = stacked_prefills(lm, group, prefix, max_new, copies=len(names))
+            else:
+                cache = prefix.prefill(group[0].ids)
+                cache.batch_repeat_interleave(len(names))
             probe.row_mask = {layer: rows.repeat(len(group), 1) for layer, rows in pattern.items()}
             rows = [test for test in group for _ in names]
             decoded = decode_tests(lm, rows, cache, probe, max_new, stops)
@@ -168,8 +164,8 @@ def _haystack_order(tests: list[NeedleTest]) -> list[int]:
     return sorted(range(len(tests)), key=lambda i: (tests[i].needle.name, tests[i].length, -tests[i].depth))
 
 
-DECODE_BATCH = 10  # needle prompts decoded side by side (a decode step costs about the same for 1 or 10 rows)
-CACHE_BUDGET = 2**29  # bytes of stacked KV cache (plus as much again for the copies it is built from)
+DECODE_BATCH = 32  # rows decoded side by side: a decode step reads every weight once, for 1 row or 32
+CACHE_BUDGET = 2**31  # bytes of stacked KV cache (SmolLM2: 47 MB per 1,024-token row)
 
 
 def decode_batch(lm: LoadedModel, length: int) -> int:
@@ -207,7 +203,7 @@ class PrefixCache:
             self.cache.crop(shared - self.cache.get_seq_length())  # drop the old suffix and what was decoded
             if shared < len(ids) - 1:
                 rest = torch.tensor([ids[shared:-1]], dtype=torch.long, device=self.lm.device)
-                self.lm.model(rest, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+                self.lm.model(rest, logits_to_keep=1, **with_cache(self.lm.model, self.cache))
             self.reused += shared
         self.ids = list(ids)
         return self.cache
@@ -299,7 +295,8 @@ class RetrievalFamily:
         with torch.inference_mode(), attached(lm.model, DecodeProbe(record=True)) as probe:
             for batch in batches(tests, _haystack_order(tests), size):
                 group = [tests[i] for i in batch]
-                cache = stacked_prefills(lm, group, prefix) if size > 1 else prefix.prefill(group[0].ids)
+                cache = (stacked_prefills(lm, group, prefix, config["max_new_tokens"]) if size > 1
+                         else prefix.prefill(group[0].ids))
                 decoded = decode_tests(lm, group, cache, probe, config["max_new_tokens"], stops)
                 for i, test, (generated, hits) in zip(batch, group, decoded, strict=True):
                     recalls[i] = rouge1_recall(test.needle.answer, lm.tokenizer.decode(generated))
