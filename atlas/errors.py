@@ -39,3 +39,19 @@ class SchemaMismatch(AtlasError):
     """The atlas file was written by another schema version."""
 
     exit_code = 5
+
+
+class TimedOut(BadInput):
+    """A query that ran past the server's time limit (it was interrupted)."""
+
+
+class TooMany(Busy):
+    """The server is at its limit of concurrent SQL queries or build checks (429)."""
+
+
+class Unauthorized(AtlasError):
+    """No or a wrong bearer token (401); the right token for reads but not for builds (403)."""
+
+    def __init__(self, message: str, hint: str | None = None, status: int = 401) -> None:
+        super().__init__(message, hint)
+        self.status = status

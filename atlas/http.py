@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -18,9 +19,31 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from atlas.errors import AtlasError
+from atlas.errors import AtlasError, BadInput, Busy, NotFound, SchemaMismatch, TimedOut, TooMany, Unauthorized
+from atlas.sql_guard import TooLarge
 
 log = logging.getLogger("atlas.server")
+
+STATUS = {TooLarge: 413, TimedOut: 408, BadInput: 400, NotFound: 404, TooMany: 429, Busy: 409,
+          SchemaMismatch: 500}
+
+# An absolute path with two or more parts (not an /api route): shown to clients by its last part.
+_PATH = re.compile(r"(?<![\w.:/~])/(?!api/)(?:[^\s'\"()<>,;]+/)+([^\s'\"()<>,;]*)")
+
+
+def redact(text: str | None) -> str | None:
+    """Server paths out of a client-facing message: `/srv/data/x.txt` -> `.../x.txt`."""
+    return None if text is None else _PATH.sub(lambda m: ".../" + m.group(1), text)
+
+
+def status_of(exc: AtlasError) -> int:
+    if isinstance(exc, Unauthorized):
+        return exc.status
+    return next((code for cls, code in STATUS.items() if isinstance(exc, cls)), 500)
+
+
+def error_body(exc: AtlasError) -> dict[str, Any]:
+    return {"error": type(exc).__name__, "message": redact(exc.message), "hint": redact(exc.hint)}
 
 
 def _json(status: int, error: str, message: str, hint: str | None = None,
@@ -48,18 +71,15 @@ def _token_ok(given: str | None, *expected: str | None) -> bool:
                                      for e in expected)
 
 
-def add_errors_and_auth(app: FastAPI, *, token: str | None, build_token: str | None) -> None:
-    """Register the error handlers and, when a token is set, the bearer check on every request."""
-    from atlas.server import error_body, redact, status_of
-
+def add_errors_and_auth(app: FastAPI, *, token: str | None, build_token: str | None,
+                        error_page: Callable[[int, dict[str, Any]], Response] | None = None) -> None:
+    """Register the error handlers and, when a token is set, the bearer check on every request;
+    `error_page(status, body)` answers a browser asking for a page."""
     @app.exception_handler(AtlasError)
     async def _atlas_error(request: Request, exc: AtlasError) -> Response:
         body, status = error_body(exc), status_of(exc)
-        if wants_html(request):  # a browser on a page: the same message, as a page
-            from atlas.pages.views import render
-
-            return render("error.html", status, message=body["message"], hint=body["hint"],
-                          title="not found" if status == 404 else "error")
+        if error_page is not None and wants_html(request):  # a browser on a page: the same message, as a page
+            return error_page(status, body)
         return JSONResponse(body, status_code=status)
 
     @app.exception_handler(RequestValidationError)

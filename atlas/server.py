@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import re
 import threading
 import time
 import uuid
@@ -30,8 +29,19 @@ from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field
 
 from atlas import queries
-from atlas.errors import AtlasError, BadInput, Busy, NotFound, SchemaMismatch
-from atlas.pages.data import check_index, check_top, concept_heads, exact_model_key, head_card, list_concepts
+from atlas.errors import AtlasError, BadInput, NotFound, TimedOut, TooMany
+from atlas.http import add_errors_and_auth, redact, status_of
+from atlas.pages.data import (
+    check_index,
+    check_top,
+    concept_heads,
+    exact_model_key,
+    head_card,
+    json_safe,
+    list_concepts,
+    rows,
+)
+from atlas.pages.views import add_pages, render
 from atlas.sql_guard import TooLarge, check_read_only, fetch_bounded, json_safe_relation
 
 __all__ = ["AtlasService", "BuildRequest", "TimedOut", "TooLarge", "TooMany", "create_app", "status_of"]
@@ -42,44 +52,6 @@ DEFAULT_MAX_BYTES = 16 * 2**20  # Arrow bytes of one SQL result; its JSON is a f
 DEFAULT_MAX_SQL = 4  # user SQL queries running at once; head cards and pages are not counted
 
 log = logging.getLogger("atlas.server")
-
-
-class TimedOut(BadInput):
-    """A query that ran past the server's time limit (it was interrupted)."""
-
-
-class TooMany(Busy):
-    """The server is at its limit of concurrent SQL queries or build checks (429)."""
-
-
-class Unauthorized(AtlasError):
-    """No or a wrong bearer token (401); the right token for reads but not for builds (403)."""
-
-    def __init__(self, message: str, hint: str | None = None, status: int = 401) -> None:
-        super().__init__(message, hint)
-        self.status = status
-
-
-STATUS = {TooLarge: 413, TimedOut: 408, BadInput: 400, NotFound: 404, TooMany: 429, Busy: 409,
-          SchemaMismatch: 500}
-
-# An absolute path with two or more parts (not an /api route): shown to clients by its last part.
-_PATH = re.compile(r"(?<![\w.:/~])/(?!api/)(?:[^\s'\"()<>,;]+/)+([^\s'\"()<>,;]*)")
-
-
-def redact(text: str | None) -> str | None:
-    """Server paths out of a client-facing message: `/srv/data/x.txt` -> `.../x.txt`."""
-    return None if text is None else _PATH.sub(lambda m: ".../" + m.group(1), text)
-
-
-def status_of(exc: AtlasError) -> int:
-    if isinstance(exc, Unauthorized):
-        return exc.status
-    return next((code for cls, code in STATUS.items() if isinstance(exc, cls)), 500)
-
-
-def error_body(exc: AtlasError) -> dict[str, Any]:
-    return {"error": type(exc).__name__, "message": redact(exc.message), "hint": redact(exc.hint)}
 
 
 class BuildRequest(BaseModel):
@@ -294,33 +266,16 @@ class AtlasService:
         return self.builds[build_id]
 
 
-def _clean(value: Any) -> Any:
-    """JSON has no NaN or infinity: send null."""
-    if isinstance(value, float):
-        return None if value != value or value in (float("inf"), float("-inf")) else value
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_clean(v) for v in value]
-    return value
-
-
-def rows(table: pa.Table) -> list[dict[str, Any]]:
-    return _clean(table.to_pylist())
-
-
 def create_app(service: AtlasService, *, token: str | None = None, build_token: str | None = None) -> FastAPI:
     """The JSON API under /api (OpenAPI at /openapi.json) and the HTML pages under /.
 
     `token` guards every request (`Authorization: Bearer TOKEN`); `build_token`, when given,
     is the one `POST /api/builds` takes instead."""
-    from atlas.http import add_errors_and_auth
-
     app = FastAPI(title="head-atlas", version="1", docs_url=None, redoc_url=None,  # docs UIs load a CDN
                   description="What every attention head does, across models. Read-only SQL, head "
                               "cards, rankings; builds run on the server's cluster.")
     app.state.service = service
-    add_errors_and_auth(app, token=token, build_token=build_token)
+    add_errors_and_auth(app, token=token, build_token=build_token, error_page=_error_page)
 
     @app.get("/api/health", tags=["meta"])
     async def health() -> dict[str, Any]:  # on the event loop: answers even when every thread is busy
@@ -358,7 +313,7 @@ def create_app(service: AtlasService, *, token: str | None = None, build_token: 
     def card(model: str, layer: int, head: int) -> dict[str, Any]:
         check_index(layer, head)
         with service.reader() as atlas:
-            return _clean(head_card(atlas, exact_model_key(atlas, model), layer, head))
+            return json_safe(head_card(atlas, exact_model_key(atlas, model), layer, head))
 
     @app.get("/api/schema", tags=["read"], summary="Tables and views with their columns, for SQL")
     def schema() -> dict[str, list[str]]:
@@ -384,8 +339,11 @@ def create_app(service: AtlasService, *, token: str | None = None, build_token: 
     def build(build_id: str) -> dict[str, Any]:
         return service.build(build_id).to_dict()
 
-    from atlas.pages.views import add_pages
-
     add_pages(app, service)
     return app
+
+
+def _error_page(status: int, body: dict[str, Any]) -> Any:
+    return render("error.html", status, message=body["message"], hint=body["hint"],
+                  title="not found" if status == 404 else "error")
 

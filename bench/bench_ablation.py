@@ -18,9 +18,9 @@ import time
 
 import torch
 
-from workers.ablation_exact import clean_run, counterpart_z, exact_effects, naive_effects, replacements
-from workers.atp import atp_effects
 from workers.families.ablation import AblationFamily, spearman, top_overlap
+from workers.families.ablation.atp import atp_effects
+from workers.families.ablation.exact import clean_run, counterpart_z, exact_effects, naive_effects, replacements
 from workers.models import load, resolve
 
 

@@ -15,7 +15,7 @@ import torch
 
 from workers.corpora import load_corpus, token_windows
 from workers.families.lens import LensStats
-from workers.lens_training import collect, documents, train_layer
+from workers.families.lens.training import collect, documents, train_layer
 from workers.models import load, resolve
 from workers.probes import bos_id
 

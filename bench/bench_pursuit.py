@@ -19,10 +19,10 @@ import time
 import torch
 
 from workers.concepts import load_concepts, tokenize_concept
-from workers.editing import layer_matched_random, measure, top_heads
 from workers.families.pursuit import PursuitFamily, final_gain, pooled_z, rank_concepts, readable_write, stacked_w_o
+from workers.families.pursuit.editing import layer_matched_random, measure, top_heads
+from workers.families.pursuit.somp import CovarianceAccumulator, somp_reference
 from workers.models import load, resolve
-from workers.somp import CovarianceAccumulator, somp_reference
 
 
 def main() -> None:

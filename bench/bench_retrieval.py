@@ -3,7 +3,7 @@
 One needle test = prefill the prompt, then --steps greedy decode steps with a per-head argmax at
 each step. Two ways, each at every length, each in a fresh subprocess (so the peak is its own):
 
-- probe: sdpa prefill, then q_len = 1 decode steps through workers/decode_probe.py (q.K^T row);
+- probe: sdpa prefill, then q_len = 1 decode steps through workers/families/retrieval/decode_probe.py (q.K^T row);
 - full:  eager attention with output_attentions=True over the whole prompt (the T x T matrices
          of every layer and head), then decode steps with output_attentions.
 
@@ -33,9 +33,9 @@ def one(model: str, mode: str, length: int, steps: int, device: str) -> dict:
     from transformers import DynamicCache
 
     from workers.corpora import load_corpus
-    from workers.decode_probe import DecodeProbe, attached
+    from workers.families.retrieval.decode_probe import DecodeProbe, attached
+    from workers.families.retrieval.needles import NEEDLES, build_tests
     from workers.models import load, resolve
-    from workers.needles import NEEDLES, build_tests
 
     lm = load(resolve(model), device)
     test = build_tests(lm.tokenizer, load_corpus(None).texts, [length], [50.0], NEEDLES[:1], chat=True)[0]

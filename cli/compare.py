@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from cli.main import DEFAULT_DB, DbOption, FormatOption, JsonFlag, _format, app, reports_errors
+from cli.app import DEFAULT_DB, DbOption, FormatOption, JsonFlag, app, output_format, reports_errors
 from cli.output import Format, emit, emit_json, stderr
 
 
@@ -83,7 +83,7 @@ def match(
         else:
             table = match_head(atlas, model, head, in_, top or 10, by.value)
             title = f"{in_} heads most like {model} {head}"
-    emit(table, _format(fmt, as_json), title=title)
+    emit(table, output_format(fmt, as_json), title=title)
 
 
 class ExportFormat(enum.StrEnum):

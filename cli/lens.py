@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import pyarrow as pa
 import typer
 
-from cli.main import DEFAULT_DB, DbOption, FormatOption, JsonFlag, _format, app, reports_errors
+from cli.app import DEFAULT_DB, DbOption, FormatOption, JsonFlag, app, output_format, reports_errors
 from cli.output import Format, emit, emit_json, stderr
 
 lens_app = typer.Typer(no_args_is_help=True, help="Trained per-head lenses (Attention Lens, in head space).")
@@ -36,7 +36,7 @@ def show(
 
     with Atlas(db) as atlas:
         card = head_card(atlas, model, head, top)
-    fmt = _format(fmt, as_json)
+    fmt = output_format(fmt, as_json)
     if fmt is Format.json:
         emit_json(card_json(card))
         return
@@ -85,7 +85,7 @@ def train(
 
     Example: atlas lens train --model llama --layers 20,25,29 --steps 200
     """
-    from workers.lens_training import train_lenses
+    from workers.families.lens.training import train_lenses
 
     report = train_lenses(model, db, layers=layers, steps=steps, corpus=corpus, text_field=text_field, lr=lr,
                           bias_lr=bias_lr, positions=positions, docs=docs, window=window, seed=seed, device=device,

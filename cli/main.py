@@ -2,46 +2,15 @@
 
 from __future__ import annotations
 
-import functools
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from atlas.errors import AtlasError, BadInput
+from atlas.errors import BadInput
+from cli.app import DEFAULT_DB, DbOption, FormatOption, JsonFlag, ServerOption, app, output_format, reports_errors
 from cli.output import Format, emit, emit_json, stderr
-
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
-                  help="head-atlas: what every attention head does, across models.")
-
-DEFAULT_DB = "atlas.duckdb"
-DbOption = Annotated[Path, typer.Option("--db", envvar="ATLAS_DB", help="The atlas DuckDB file.")]
-ServerOption = Annotated[str | None, typer.Option("--server", envvar="ATLAS_SERVER",
-                                                  help="Read from an `atlas serve` URL instead of --db.")]
-FormatOption = Annotated[Format, typer.Option("--format", "-f", help="table, json or csv.")]
-JsonFlag = Annotated[bool, typer.Option("--json", help="Same as --format json.")]
-
-
-def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn AtlasError into a clear message on stderr and an exit code by class of error."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except AtlasError as exc:
-            stderr.print(f"[bold red]error:[/] {exc.message}", highlight=False)
-            if exc.hint:
-                stderr.print(f"  [dim]hint:[/] {exc.hint}", highlight=False)
-            raise typer.Exit(exc.exit_code) from None
-
-    return wrapper
-
-
-def _format(fmt: Format, as_json: bool) -> Format:
-    return Format.json if as_json else fmt
 
 
 @app.command()
@@ -130,10 +99,10 @@ def query(
         from atlas.client import Client
 
         with Client(server) as client:
-            emit(client.query(sql), _format(fmt, as_json))
+            emit(client.query(sql), output_format(fmt, as_json))
         return
     with Atlas(db) as atlas:
-        emit(atlas.query(sql), _format(fmt, as_json))
+        emit(atlas.query(sql), output_format(fmt, as_json))
 
 
 @app.command()
@@ -168,7 +137,8 @@ def heads(
 
         if server:
             raise BadInput("--concept reads the atlas file directly", "drop --server and pass --db")
-        emit(concept_table(db, concept, model, top, all_models), _format(fmt, as_json), title=f"concept {concept}")
+        emit(concept_table(db, concept, model, top, all_models), output_format(fmt, as_json),
+             title=f"concept {concept}")
         return
     if promotes is not None:
         from atlas.lens_queries import rank_promoters
@@ -176,16 +146,17 @@ def heads(
         if server:
             raise BadInput("--promotes reads the atlas file directly", "drop --server and pass --db")
         with Atlas(db) as atlas:
-            emit(rank_promoters(atlas, promotes, model, top), _format(fmt, as_json), title=f"promotes {promotes!r}")
+            emit(rank_promoters(atlas, promotes, model, top), output_format(fmt, as_json),
+                 title=f"promotes {promotes!r}")
         return
     if server:
         from atlas.client import Client
 
         with Client(server) as client:
-            emit(client.rank_heads(metric, model, top, ascending), _format(fmt, as_json), title=metric)
+            emit(client.rank_heads(metric, model, top, ascending), output_format(fmt, as_json), title=metric)
         return
     with Atlas(db) as atlas:
-        emit(rank_heads(atlas, metric, model, top, ascending), _format(fmt, as_json), title=metric)
+        emit(rank_heads(atlas, metric, model, top, ascending), output_format(fmt, as_json), title=metric)
 
 
 @app.command()
@@ -205,7 +176,7 @@ def roles(
     from atlas.store import Atlas
 
     with Atlas(db) as atlas:
-        emit(role_summary(atlas, model, top), _format(fmt, as_json), title="roles")
+        emit(role_summary(atlas, model, top), output_format(fmt, as_json), title="roles")
 
 
 @app.command()
@@ -226,7 +197,7 @@ def models(
     from atlas.store import Atlas
     from workers.models import aliases
 
-    fmt = _format(fmt, as_json)
+    fmt = output_format(fmt, as_json)
     in_atlas = pa.table({})
     if server:
         from atlas.client import Client

@@ -8,7 +8,7 @@ from typing import Annotated
 import pyarrow as pa
 import typer
 
-from cli.main import DEFAULT_DB, DbOption, FormatOption, JsonFlag, _format, app, reports_errors
+from cli.app import DEFAULT_DB, DbOption, FormatOption, JsonFlag, app, output_format, reports_errors
 from cli.output import Format, emit, emit_json
 
 
@@ -41,7 +41,7 @@ def edit(
     """
     from atlas.heads import parse_heads
     from cli.output import stderr
-    from workers.editing import edit_from_atlas
+    from workers.families.pursuit.editing import edit_from_atlas
 
     result = edit_from_atlas(str(db), model, concept, k, alpha, prompt,
                              parse_heads(heads) if heads else None, max_new_tokens)
@@ -77,10 +77,10 @@ def concepts(
         from atlas.store import Atlas
 
         with Atlas(db) as atlas:
-            emit(verification(atlas, concept, model, metric), _format(fmt, as_json), title="editing check")
+            emit(verification(atlas, concept, model, metric), output_format(fmt, as_json), title="editing check")
         return
     from workers.concepts import builtin_concepts
 
     rows = [{"concept": c.name, "words": len(c.words), "prompts": len(c.prompts), "heldout": len(c.heldout),
              "examples": ", ".join(c.words[:6])} for c in builtin_concepts().values()]
-    emit(pa.Table.from_pylist(rows), _format(fmt, as_json), title="built-in concepts")
+    emit(pa.Table.from_pylist(rows), output_format(fmt, as_json), title="built-in concepts")

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from cli.main import DEFAULT_DB, DbOption, app, reports_errors
+from cli.app import DEFAULT_DB, DbOption, app, reports_errors
 from cli.output import stderr
 
 

@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from atlas.errors import BadInput, NotFound
-from cli.main import DEFAULT_DB, DbOption, FormatOption, JsonFlag, _format, app, reports_errors
+from cli.app import DEFAULT_DB, DbOption, FormatOption, JsonFlag, app, output_format, reports_errors
 from cli.output import Format, emit, emit_json, stderr
 
 
@@ -188,7 +188,7 @@ def status(
     units = state["units"]
     counts = {s: sum(u["state"] == s for u in units) for s in ("complete", "running", "pending", "failed",
                                                                  "interrupted")}
-    fmt = _format(fmt, as_json)
+    fmt = output_format(fmt, as_json)
     if fmt is Format.json:
         emit_json({"live": state["live"], "pid": state["pid"], "started_at": state["started_at"],
                    "counts": counts, "units": units})

@@ -1,15 +1,24 @@
-"""Per-head capture and intervention on the attention output projection's input (z).
+"""Per-head capture and intervention on the attention output projection's input (z), and forwards
+that resume at a layer from cached block inputs.
 
 Hooks act on z split per head, so they are safe under GQA: query head h's slice is its own even
 when it shares K/V with other heads. Context managers remove every hook on exit.
+
+Resuming: an edit at layer l changes nothing below l, so exact ablation and the editing check run
+the clean input once, keep every block's input (`block_inputs`), and start each edited forward at
+its lowest edited layer (`resumed_at`). It works for any Hugging Face decoder whose model loop calls
+its blocks in order: the blocks below l are swapped, for that forward only, for stand-ins that
+return the cached residual.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
+from torch import nn
 
 from workers.adapters import BoundAdapter
 
@@ -85,3 +94,46 @@ def scaled(adapter: BoundAdapter, heads: Iterable[tuple[int, int]], alpha: float
     heads = list(heads)
     with edit_z(adapter, scale_heads(heads, alpha), sorted({layer for layer, _ in heads})):
         yield
+
+
+@contextmanager
+def block_inputs(adapter: BoundAdapter) -> Iterator[list[torch.Tensor]]:
+    """Collect each decoder block's input (the residual stream before it), detached, per layer."""
+    blocks = adapter.blocks
+    store: list[torch.Tensor] = [torch.empty(0)] * len(blocks)
+
+    def keep(module: nn.Module, args: tuple, kwargs: dict, layer: int = 0) -> None:
+        store[layer] = (args[0] if args else kwargs["hidden_states"]).detach()
+
+    handles = [block.register_forward_pre_hook(lambda m, a, k, _l=i: keep(m, a, k, _l), with_kwargs=True)
+               for i, block in enumerate(blocks)]
+    try:
+        yield store
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class _Replay(nn.Module):
+    """Stands in for a skipped block: returns the cached residual (the next block's input)."""
+
+    def __init__(self, resid: torch.Tensor) -> None:
+        super().__init__()
+        self.resid = resid
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.resid
+
+
+@contextmanager
+def resumed_at(adapter: BoundAdapter, layer: int, resid: torch.Tensor) -> Iterator[None]:
+    """Forwards inside skip blocks < layer; block `layer` gets `resid` (B', T, d_model) as input."""
+    blocks = adapter.blocks
+    saved = [blocks[i] for i in range(layer)]
+    try:
+        for i in range(layer):
+            blocks[i] = _Replay(resid)
+        yield
+    finally:
+        for i, block in enumerate(saved):
+            blocks[i] = block

@@ -176,7 +176,7 @@ def resolve(declared: Iterable[Option], options: dict[str, Any]) -> dict[str, An
 def reference(families: Iterable[Any]) -> str:
     """The option reference as Markdown, generated from the declarations (docs/options.md)."""
     lines = ["# Family options", "",
-             "Generated from the declarations in `workers/families/*.py` by `python -m workers.options`.",
+             "Generated from the declarations in `workers/families/` by `python -m workers.families`.",
              "Set any of them with `atlas build -o KEY=VALUE` (JSON values), in a sweep file's `options:`, ",
              "or in `POST /api/builds`; each is checked (type, range) before anything runs.", ""]
     for family in families:
@@ -186,9 +186,3 @@ def reference(families: Iterable[Any]) -> str:
                          f"| {option.help} |")
         lines.append("")
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    from workers.families import FAMILIES
-
-    print(reference(FAMILIES.values()))

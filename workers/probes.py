@@ -45,3 +45,18 @@ def repeated_half_loss(model: Any, tokens: torch.Tensor, n: int) -> torch.Tensor
     target = tokens[:, n + 2: 2 * n + 1].to(pred.device)
     loss = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="none")
     return loss.view(target.shape).mean(dim=1)
+
+
+def encode_batch(lm: Any, texts: list[str], side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """BOS + tokens, padded: (ids (b, T), attention mask (b, T)); left padding for generation."""
+    bos = bos_id(lm.tokenizer)
+    seqs = [[bos, *lm.tokenizer.encode(t, add_special_tokens=False)] for t in texts]
+    width = max(len(s) for s in seqs)
+    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else bos
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        span = slice(0, len(s)) if side == "right" else slice(width - len(s), width)
+        ids[i, span] = torch.tensor(s)
+        mask[i, span] = 1
+    return ids, mask

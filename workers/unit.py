@@ -44,8 +44,10 @@ class UnitResult:
 
 def run_row(unit: Unit, lm: LoadedModel, status: str, started: datetime, seconds: float,
             tokens: int, config: dict[str, Any], error: str | None = None) -> dict[str, Any]:
+    definitions = getattr(get_family(unit.family), "definitions", {})  # provenance, outside the hash
     return {"run_id": unit.run_id, "model_key": unit.source.key, "family": unit.family,
-            "family_version": unit.family_version, "probe_set": unit.probe_set, "config": config,
+            "family_version": unit.family_version, "probe_set": unit.probe_set,
+            "config": {**config, "definitions": definitions} if definitions else config,
             "config_hash": unit.config_hash, "code_version": code_version(), "device": lm.device,
             "tokens": tokens, "seconds": seconds, "status": status, "error": error,
             "started_at": started.isoformat(), "finished_at": datetime.now(UTC).isoformat()}

@@ -116,3 +116,18 @@ def heatmaps(atlas: Any, model_key: str) -> dict[str, list[list[float | None]]]:
         if r["layer"] < m["n_layers"] and r["head"] < m["n_heads"]:
             grid[r["layer"]][r["head"]] = r["value"]
     return grids
+
+
+def json_safe(value: Any) -> Any:
+    """JSON has no NaN or infinity: send null."""
+    if isinstance(value, float):
+        return None if value != value or value in (float("inf"), float("-inf")) else value
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def rows(table: pa.Table) -> list[dict[str, Any]]:
+    return json_safe(table.to_pylist())

@@ -19,7 +19,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse
 from atlas import queries
 from atlas.heads import HEAD
 from atlas.pages import data
-from atlas.pages.data import check_index, check_top
+from atlas.pages.data import check_index, check_top, json_safe, rows
 
 TEMPLATES = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).with_name("templates")),
                                autoescape=True, undefined=jinja2.StrictUndefined)
@@ -131,8 +131,6 @@ def add_compare(app: FastAPI, service: Any) -> None:
              summary="Heads of another model most like this head (profile and token views)")
     def match(model: str, layer: int, head: int, other: str = Query(..., alias="in"), top: int = 10,
               by: str = "both") -> list[dict[str, Any]]:
-        from atlas.server import rows
-
         check_top(top, service.max_rows)
         check_index(layer, head)
         with service.reader() as atlas:
@@ -142,10 +140,8 @@ def add_compare(app: FastAPI, service: Any) -> None:
     @app.get("/api/compare", tags=["compare"], summary="Cross-model comparison: roles, top heads, concepts")
     def compare_json(models: list[str] = Query(default=[]), metrics: list[str] = Query(default=[]),
                      concepts: list[str] = Query(default=[]), top: int = 5) -> dict[str, Any]:
-        from atlas.server import _clean
-
         with service.reader() as atlas:
-            return _clean(_compare(atlas, models, metrics, concepts, top))
+            return json_safe(_compare(atlas, models, metrics, concepts, top))
 
     @app.get("/compare", response_class=HTMLResponse, include_in_schema=False)
     def compare_page(models: list[str] = Query(default=[]), metrics: list[str] = Query(default=[]),

@@ -13,8 +13,8 @@ SMALL = {"ablation_window": 24, "ablation_windows": 1, "ablation_induction_n": 2
 
 
 def test_fast_path_equals_one_full_forward_per_head(llama_lm):
-    from workers.ablation_exact import clean_run, counterpart_z, exact_effects, naive_effects, replacements
     from workers.families.ablation import AblationFamily, induction_probe, ioi_probe
+    from workers.families.ablation.exact import clean_run, counterpart_z, exact_effects, naive_effects, replacements
 
     family = AblationFamily()
     config = family.config({**SMALL, "ablation_induction_n": 10, "ablation_induction_batch": 2})

@@ -11,8 +11,8 @@ import torch
 from atlas.queries import rank_heads
 from atlas.store import Atlas
 from workers.corpora import load_corpus, token_windows
+from workers.families.lens.training import collect, documents, train_layer
 from workers.hooks import edit_z
-from workers.lens_training import collect, documents, train_layer
 from workers.plan import plan
 from workers.probes import bos_id
 from workers.unit import run_unit

@@ -38,7 +38,7 @@ def test_suppressing_the_atlas_heads_beats_every_matched_random_set(pursuit_atla
     from atlas.concepts import top_heads
     from atlas.store import Atlas
     from workers.concepts import concept_token_ids, load_concepts
-    from workers.editing import k_values, layer_matched_random, measure
+    from workers.families.pursuit.editing import k_values, layer_matched_random, measure
 
     lm = llama_lm
     k = k_values(lm.adapter.n_layers * lm.adapter.n_heads, [0.01])[0]

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from atlas.errors import BadInput
-from workers.ablation_exact import (
+from workers.families.ablation import AblationFamily, spearman, top_overlap
+from workers.families.ablation.exact import (
     MODES,
     _stacked_edit,
     clean_run,
@@ -15,7 +16,6 @@ from workers.ablation_exact import (
     naive_effects,
     replacements,
 )
-from workers.families.ablation import AblationFamily, spearman, top_overlap
 from workers.hooks import edit_z
 
 SMALL = {"ablation_window": 16, "ablation_windows": 3, "ablation_induction_n": 8,
@@ -141,9 +141,9 @@ def concept_file(tmp_path_factory):
 @pytest.mark.parametrize("mode", MODES)
 def test_concept_effects_use_each_concepts_own_prompts(tiny_lm, small, concept_file, mode):
     """Issue 13: 3 concepts x 3 prompts batched together; each concept's effect is over its own 3 rows."""
-    from workers.atp import atp_effects
     from workers.concepts import concept_mass, load_concepts, tokenize_concept
     from workers.families.ablation import concept_probe
+    from workers.families.ablation.atp import atp_effects
 
     family = AblationFamily()
     config = family.config({**small, "concepts": concept_file, "concept_prompts": 3})
@@ -177,7 +177,7 @@ def test_concept_effects_use_each_concepts_own_prompts(tiny_lm, small, concept_f
 
 
 def test_row_buckets_cut_padding_and_cover_every_row():
-    from workers.ablation_exact import Probe, row_buckets
+    from workers.families.ablation.exact import Probe, row_buckets
 
     last = torch.tensor([3, 12, 4, 11, 5, 12, 3, 6])
     probe = Probe("p", torch.zeros(8, 13, dtype=torch.long), last, lambda x: {}, torch.ones(8, 13, dtype=torch.bool),

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workers.ablation_exact import clean_run, exact_effects, logits_at, replacements
-from workers.atp import Tap, atp_effects, exact_pattern_effects, tapped
 from workers.families.ablation import AblationFamily, spearman
+from workers.families.ablation.atp import Tap, atp_effects, exact_pattern_effects, tapped
+from workers.families.ablation.exact import clean_run, exact_effects, logits_at, replacements
 
 SMALL = {"ablation_induction_n": 8, "ablation_induction_batch": 3, "ablation_ioi_prompts": 6}
 
@@ -65,7 +65,7 @@ def test_qk_fix_tracks_exact_pattern_patching_better_than_the_gradient(tiny_lm, 
 
 def test_disjoint_metrics_share_one_backward(tiny_lm, tmp_path, monkeypatch):
     """Concept metrics read disjoint rows: one backward for all equals one backward per metric."""
-    import workers.atp as atp
+    import workers.families.ablation.atp as atp
     from workers.families.ablation import concept_probe
 
     path = tmp_path / "c.toml"

@@ -13,7 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from cli.main import app
-from workers.lens_training import LensData, collect, documents, pad_batch, train_layer, training_positions
+from workers.families.lens.training import LensData, collect, documents, pad_batch, train_layer, training_positions
 
 runner = CliRunner()
 

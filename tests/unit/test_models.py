@@ -101,3 +101,26 @@ def test_hub_repo_id_resolves_from_the_local_cache_offline(tiny_dir: Path, tmp_p
     assert source.revision == sha and source.key == f"tiny-org/tiny-llama@{sha[:12]}:safetensors"
     with pytest.raises(NotFound, match="local Hugging Face cache"):
         resolve("tiny-org/not-downloaded")
+
+
+def test_gguf_is_parsed_once_inside_the_dequantization(tmp_path: Path) -> None:
+    """transformers parses a GGUF three times and rebuilds the tensor-name map per tensor; inside
+    `_gguf_parsed_once` each is built once, and gguf is as it was afterwards."""
+    import gguf
+    import numpy as np
+
+    from workers.models import _gguf_parsed_once
+
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 2), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    real_reader, real_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    with _gguf_parsed_once():
+        assert gguf.GGUFReader(path) is gguf.GGUFReader(str(path))
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+        assert len(gguf.GGUFReader(path).tensors) == 1
+    assert (gguf.GGUFReader, gguf.get_tensor_name_map) == (real_reader, real_map)

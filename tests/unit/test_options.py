@@ -30,7 +30,7 @@ def test_every_family_declares_its_options_once_and_documents_them():
 def test_docs_option_reference_is_generated_from_the_declarations():
     doc = Path(__file__).parents[2] / "docs" / "options.md"
     assert doc.read_text() == reference(FAMILIES.values()) + "\n", \
-        "docs/options.md is stale: run `python -m workers.options > docs/options.md`"
+        "docs/options.md is stale: run `python -m workers.families > docs/options.md`"
 
 
 @pytest.mark.parametrize(("options", "message"), [
@@ -94,3 +94,20 @@ def test_a_non_finite_result_fails_the_unit_and_stores_nothing(tiny_dir: Path, t
     with Atlas(db, read_only=True) as atlas:
         assert atlas.query("SELECT count(*) AS n FROM head_metrics").to_pylist()[0]["n"] == 0
         assert atlas.query("SELECT status FROM runs").to_pylist() == [{"status": "failed"}]
+
+
+def test_prose_definitions_are_stored_with_each_run_but_never_hashed(tiny_lm, monkeypatch, tmp_path) -> None:
+    """Rewording how a metric is defined must not force a rebuild; the words still reach the atlas."""
+    from workers.plan import plan
+    from workers.unit import run_unit
+
+    patterns = FAMILIES["patterns"]
+    before = plan([tiny_lm.source], ["patterns"], {"probe_n": 4, "probe_batch": 2}, "float32")[0]
+    monkeypatch.setattr(type(patterns), "definitions", {**patterns.definitions, "sampler": "reworded"})
+    after = plan([tiny_lm.source], ["patterns"], {"probe_n": 4, "probe_batch": 2}, "float32")[0]
+    assert after.run_id == before.run_id and "sampler" not in after.config
+    result = run_unit(tiny_lm, after, tmp_path)
+    assert result.ok and result.run["config"]["definitions"]["sampler"] == "reworded"
+    for family in FAMILIES.values():  # config() holds values; a sentence there is prose in the hash
+        prose = [k for k, v in family.config({}).items() if isinstance(v, str) and len(v.split()) > 3]
+        assert not prose, f"{family.name}.config() hashes prose: {prose}; move it to `definitions`"

@@ -11,8 +11,8 @@ import torch
 
 from atlas.errors import BadInput, NotFound
 from tests.tiny import tiny_model
-from workers.editing import k_values, layer_matched_random, measure, row_scales, scale_tensor
 from workers.families.pursuit import PursuitFamily, final_gain
+from workers.families.pursuit.editing import k_values, layer_matched_random, measure, row_scales, scale_tensor
 from workers.hooks import scaled
 from workers.plan import stable_hash
 
@@ -41,7 +41,7 @@ def test_config_records_choices_and_refuses_bad_input(concept_file: str) -> None
     family = PursuitFamily()
     config = family.config({"concepts": concept_file, "criterion": "l2"})
     assert config["criterion"] == "l2" and [c["name"] for c in config["concepts"]] == ["evens", "odds"]
-    assert "gamma" in config["dictionary"] and config["verify"]["n_random"] == 10
+    assert "gamma" in PursuitFamily.definitions["dictionary"] and config["verify"]["n_random"] == 10
     assert config["ranking"] == "specificity" and config["control"]["dictionaries"] == 2
     assert stable_hash(config) != stable_hash(family.config({"concepts": concept_file, "criterion": "l2",
                                                              "ranking": "evr"}))
@@ -152,7 +152,8 @@ def test_pooled_head_writes_add_up_to_what_the_layer_adds(architecture: str) -> 
 
     from tests.tiny import tiny_tokenizer
     from workers.adapters import adapter_for
-    from workers.families.pursuit import encode_batch, pooled_z, stacked_w_o
+    from workers.families.pursuit import pooled_z, stacked_w_o
+    from workers.probes import encode_batch
 
     model = tiny_model(architecture)
     adapter = adapter_for(architecture).bind(model)
@@ -186,7 +187,7 @@ def test_pooled_head_writes_add_up_to_what_the_layer_adds(architecture: str) -> 
 def test_greedy_with_mass_equals_generate(architecture: str, tmp_path) -> None:
     """One prefill feeds both the concept mass and the continuation; the tokens are generate()'s."""
     from tests.tiny import save_tiny
-    from workers.editing import _left_padded, greedy
+    from workers.families.pursuit.editing import _left_padded, greedy
     from workers.models import load, resolve
 
     lm = load(resolve(str(save_tiny(tmp_path / "m", architecture))), "cpu")
@@ -201,7 +202,7 @@ def test_greedy_with_mass_equals_generate(architecture: str, tmp_path) -> None:
 
 
 def test_resumed_corpus_loss_equals_a_full_forward_per_setting(tiny_lm) -> None:
-    from workers.editing import CleanWindows, corpus_loss
+    from workers.families.pursuit.editing import CleanWindows, corpus_loss
 
     windows = torch.randint(3, 90, (3, 12), generator=torch.Generator().manual_seed(0))
     settings = [[], [(2, 1)], [(1, 0), (2, 3)], [(0, 2)], [(2, 0)]]
@@ -222,7 +223,7 @@ def test_measure_resumed_at_the_lowest_edited_layer_equals_one_setting_at_a_time
     forward and generate() with only its own edit give."""
     from tests.tiny import save_tiny
     from workers.concepts import concept_mass, concept_token_ids, count_concept_words, load_concepts
-    from workers.editing import _left_padded
+    from workers.families.pursuit.editing import _left_padded
     from workers.models import load, resolve
 
     lm = load(resolve(str(save_tiny(tmp_path / "m", architecture))), "cpu")
@@ -247,7 +248,7 @@ def test_measure_resumed_at_the_lowest_edited_layer_equals_one_setting_at_a_time
 @pytest.mark.parametrize("architecture", ["LlamaForCausalLM", "Gemma3ForCausalLM"])
 def test_resumed_prefill_decodes_the_same_tokens_as_generate(architecture, tmp_path) -> None:
     from tests.tiny import save_tiny
-    from workers.editing import CleanPrompts, _decode, _left_padded, row_scales
+    from workers.families.pursuit.editing import CleanPrompts, _decode, _left_padded, row_scales
     from workers.models import load, resolve
 
     lm = load(resolve(str(save_tiny(tmp_path / "m", architecture))), "cpu")

@@ -7,7 +7,7 @@ import torch
 
 from workers.corpora import load_corpus
 from workers.families.retrieval import RetrievalFamily, copy_hits, distribution, random_same_layers
-from workers.needles import NEEDLES, build_tests, depth_grid, find_span, length_grid, rouge1_recall
+from workers.families.retrieval.needles import NEEDLES, build_tests, depth_grid, find_span, length_grid, rouge1_recall
 
 
 def test_rouge1_recall() -> None:
@@ -125,15 +125,15 @@ def test_family_on_a_tiny_model(tiny_lm, corpus_file, tmp_path) -> None:
 
 
 def _needle_test(ids: list[int], span: tuple[int, int]):
-    from workers.needles import NeedleTest
+    from workers.families.retrieval.needles import NeedleTest
 
     return NeedleTest(NEEDLES[0], len(ids), 50.0, ids, span)
 
 
 def test_prefix_cache_decodes_like_a_fresh_prefill(tiny_lm) -> None:
     """A prompt sharing the previous one's first 100 tokens reuses their cache: same tokens, same hits."""
-    from workers.decode_probe import DecodeProbe, attached
     from workers.families.retrieval import PrefixCache, decode, prefill
+    from workers.families.retrieval.decode_probe import DecodeProbe, attached
 
     gen = torch.Generator().manual_seed(1)
     shared = torch.randint(3, 90, (100,), generator=gen).tolist()
@@ -151,8 +151,8 @@ def test_prefix_cache_decodes_like_a_fresh_prefill(tiny_lm) -> None:
 def test_masks_decoded_side_by_side_equal_one_decode_per_mask(tiny_lm) -> None:
     import copy
 
-    from workers.decode_probe import DecodeProbe, attached, mask_map
     from workers.families.retrieval import decode, needle_scores, prefill
+    from workers.families.retrieval.decode_probe import DecodeProbe, attached, mask_map
 
     gen = torch.Generator().manual_seed(2)
     test = _needle_test([1, *torch.randint(3, 90, (60,), generator=gen).tolist()], (5, 9))
@@ -194,8 +194,8 @@ def test_masking_check_reuses_prefixes_without_changing_answers(tiny_lm) -> None
 def test_needle_tests_decoded_side_by_side_equal_one_at_a_time(tiny_lm) -> None:
     """Prompts of one length, prefilled through the prefix cache and stacked: each row's tokens and
     hits are what its own decode from a fresh prefill gives."""
-    from workers.decode_probe import DecodeProbe, attached
     from workers.families.retrieval import PrefixCache, decode, decode_tests, prefill, stacked_prefills
+    from workers.families.retrieval.decode_probe import DecodeProbe, attached
 
     gen = torch.Generator().manual_seed(4)
     hay = torch.randint(3, 90, (120,), generator=gen).tolist()

@@ -7,7 +7,7 @@ import torch
 from transformers import DynamicCache
 
 from tests.tiny import tiny_model
-from workers.decode_probe import DecodeProbe, attached, decode_logits, mask_map
+from workers.families.retrieval.decode_probe import DecodeProbe, attached, decode_logits, mask_map
 
 # Llama: GQA (4 query heads, 2 KV heads); Gemma 3: sliding-window layers (window 16 < prompt);
 # Gemma 2: sliding window and attention-logit softcapping; Qwen2: biases on q/k/v.

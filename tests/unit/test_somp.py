@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from workers.somp import CovarianceAccumulator, centred, somp_heads, somp_reference
+from workers.families.pursuit.somp import CovarianceAccumulator, centred, somp_heads, somp_reference
 
 
 def _problem(seed: int, n: int = 40, heads: int = 3, d_head: int = 6, d_model: int = 24, v: int = 30):

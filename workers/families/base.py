@@ -23,9 +23,11 @@ class Family(Protocol):
     version: int
     stores: tuple[str, ...]  # the atlas tables it writes
     options: tuple[Option, ...]  # what a user may set (workers/options.py); checked before planning
+    definitions: dict[str, str]  # prose: how the metrics are defined; stored with each run, never hashed
 
     def config(self, options: dict[str, Any]) -> dict[str, Any]:
-        """The full, explicit config from user options: defaults filled in, hashed into the run id."""
+        """The full, explicit config from user options: defaults filled in, hashed into the run id.
+        Values only: prose belongs in `definitions`, so rewording it does not force a rebuild."""
         ...
 
     def probe_set(self, config: dict[str, Any]) -> str:

@@ -19,7 +19,7 @@ text may score low here); heads that attend to BOS by default look like sinks, n
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -80,11 +80,16 @@ class PatternsFamily:
         SEED,
     )
 
+    # how the metrics are defined: stored with every run (runs.config.definitions), not hashed into its id
+    definitions: ClassVar[dict[str, str]] = {
+        "sampler": "uniform over non-special token ids",
+        "bos": "prepend tokenizer BOS (else EOS)",
+    }
+
     def config(self, options: dict[str, Any]) -> dict[str, Any]:
         o = resolve(self.options, options)
         return {"n": o["probe_n"], "batch": o["probe_batch"],
-                "seed": o["seed"], "sampler": "uniform over non-special token ids",
-                "bos": "prepend tokenizer BOS (else EOS)", "attn_implementation": "eager"}
+                "seed": o["seed"], "attn_implementation": "eager"}
 
     def probe_set(self, config: dict[str, Any]) -> str:
         return f"repeated-random:n={config['n']}:batch={config['batch']}:seed={config['seed']}"

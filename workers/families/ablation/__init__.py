@@ -2,20 +2,20 @@
 
 Per head, `ablation.<metric>` = metric(head ablated) - metric(clean), the mean over the probe
 set's sequences (stderr over sequences); the head's z (o_proj input) is replaced by zero, its mean,
-or its value on a counterpart sequence (`--ablation`, see workers/ablation_exact.py). Metrics:
+or its value on a counterpart sequence (`--ablation`, see workers/families/ablation/exact.py). Metrics:
 
 - `loss`: next-token cross-entropy (nats) on windows of the corpus. Effect > 0: the head helps
   predict text. Unbounded; typical effects are 1e-3 .. 1e-1 nats.
 - `induction_loss`: cross-entropy on the repeated half of BOS + X + X (random X, Olsson et al.
   2022). Effect > 0: the head serves in-context copying (induction and previous-token heads).
-- `ioi_logit_diff`: logit(IO) - logit(S) on the built-in IOI prompts (workers/ioi.py; Wang et al.,
+- `ioi_logit_diff`: logit(IO) - logit(S) on the built-in IOI prompts (workers/families/ablation/ioi.py; Wang et al.,
   arXiv 2211.00593). Effect < 0: the head helps pick the indirect object (name movers); > 0:
   it works against it (negative name movers). Backup heads can hide a head's effect.
 - `concept.<name>`: probability mass of a concept's single-token words after the concept's own
   prompts (workers/concepts.py, Head Pursuit arXiv 2510.21518). Effect < 0: the head promotes it.
 
 `ablation.atp.<metric>` is the AtP estimate of the same effect, `ablation.atp_qk.<metric>` the
-AtP* QK-fixed estimate of patching the head's attention pattern only (see workers/atp.py). With
+AtP* QK-fixed estimate of patching the head's attention pattern only (see workers/families/ablation/atp.py). With
 method both, run_metrics holds per metric the Spearman correlation of AtP with exact effects over
 all heads (`ablation.agreement.spearman.<metric>`) and the overlap of their top-10 heads by
 |effect| (`ablation.agreement.top10.<metric>`, 0..10).
@@ -29,12 +29,12 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from workers.ablation_exact import MODES, Probe, clean_run, counterpart_z, exact_effects, replacements
+from workers.families.ablation.exact import MODES, Probe, clean_run, counterpart_z, exact_effects, replacements
 from workers.families.base import FamilyResult, head_metric_rows
 from workers.models import LoadedModel
 from workers.options import CONCEPTS, CORPUS, SEED, TEXT_FIELD, Option, resolve
@@ -86,7 +86,7 @@ def _last_token_probe(name: str, tokens: torch.Tensor, last: torch.Tensor, valid
 
 
 def ioi_probe(lm: LoadedModel, config: dict[str, Any]) -> tuple[Probe, dict[str, Any]]:
-    from workers.ioi import ioi_prompts, logit_diff
+    from workers.families.ablation.ioi import ioi_prompts, logit_diff
 
     s = ioi_prompts(lm.tokenizer, lm.adapter.unembed.weight.shape[0], config["ioi_prompts"], config["seed"])
     probe = _last_token_probe("ioi", s.tokens, s.last, s.valid,
@@ -167,6 +167,14 @@ class AblationFamily:
         SEED, CORPUS, TEXT_FIELD, CONCEPTS,
     )
 
+    # how the metrics are defined: stored with every run (runs.config.definitions), not hashed into its id
+    definitions: ClassVar[dict[str, str]] = {
+        "node": "z (o_proj input), per head",
+        "mean": "over real tokens at positions >= 1; position 0 keeps its clean value",
+        "resample": "corpus/induction: the previous sequence of the batch; ioi: ABC counterpart",
+        "atp_qk": "AtP* QK fix; resample: counterpart q/k, zero/mean: q <- 0 (uniform attention)",
+    }
+
     def config(self, options: dict[str, Any]) -> dict[str, Any]:
         from workers.corpora import load_corpus
 
@@ -182,10 +190,6 @@ class AblationFamily:
             "induction_batch": o["ablation_induction_batch"],
             "ioi_prompts": o["ablation_ioi_prompts"],
             "concepts": o["concepts"], "concept_prompts": o["concept_prompts"],
-            "node": "z (o_proj input), per head",
-            "mean": "over real tokens at positions >= 1; position 0 keeps its clean value",
-            "resample": "corpus/induction: the previous sequence of the batch; ioi: ABC counterpart",
-            "atp_qk": "AtP* QK fix; resample: counterpart q/k, zero/mean: q <- 0 (uniform attention)",
         }
         try:
             import workers.concepts as concepts_mod
@@ -213,7 +217,7 @@ class AblationFamily:
         return probes, extra
 
     def run(self, lm: LoadedModel, config: dict[str, Any]) -> FamilyResult:
-        from workers.atp import atp_effects
+        from workers.families.ablation.atp import atp_effects
 
         mode, method = config["ablation"], config["method"]
         probes, extra = self.probes(lm, config)

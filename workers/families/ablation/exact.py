@@ -7,8 +7,7 @@ batch dimension. With L layers this runs about (L + 1) / 2 layers per head inste
 stacked batches use the CPU better than many small forwards. Only the logit positions a metric
 reads go through the unembedding (`logits_to_keep`).
 
-Resuming works for any Hugging Face decoder whose model loop calls its blocks in order: the
-blocks before l are swapped, for that forward only, for stand-ins that return the cached residual.
+Resuming: workers/hooks.py (`block_inputs`, `resumed_at`).
 
 Replacements (per head, on z = the o_proj input, so GQA-safe; arXiv 2211.00593, 2404.15255):
 zero (z <- 0), mean (z <- mean of z over the probe set's real tokens at positions >= 1; position 0
@@ -19,15 +18,13 @@ batch, rolled by one).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
 
-from workers.hooks import edit_z
+from workers.hooks import block_inputs, edit_z, resumed_at
 from workers.models import LoadedModel
 
 MODES = ("zero", "mean", "resample")
@@ -96,27 +93,14 @@ def logits_per_row(lm: LoadedModel, tokens: torch.Tensor, positions: torch.Tenso
 
 def clean_run(lm: LoadedModel, probe: Probe) -> CleanCache:
     """One plain forward caching each block's input and each layer's z."""
-    blocks = lm.adapter.blocks
-    resid: list[torch.Tensor] = [None] * len(blocks)  # type: ignore[list-item]
-
-    def keep(module: nn.Module, args: tuple, kwargs: dict, _layer: int = 0) -> None:
-        hidden = args[0] if args else kwargs["hidden_states"]
-        resid[_layer] = hidden.detach()
-
-    handles = [block.register_forward_pre_hook(lambda m, a, k, _l=i: keep(m, a, k, _l), with_kwargs=True)
-               for i, block in enumerate(blocks)]
     z: dict[int, torch.Tensor] = {}
 
     def grab(layer: int, zl: torch.Tensor) -> None:
         z[layer] = zl.detach().clone()
 
-    try:
-        with torch.inference_mode(), edit_z(lm.adapter, grab):
-            logits = probe.logits(lm)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return CleanCache(resid, [z[i] for i in range(len(blocks))], probe.metrics(logits.cpu()))
+    with torch.inference_mode(), block_inputs(lm.adapter) as resid, edit_z(lm.adapter, grab):
+        logits = probe.logits(lm)
+    return CleanCache(resid, [z[i] for i in range(lm.adapter.n_layers)], probe.metrics(logits.cpu()))
 
 
 def counterpart_z(lm: LoadedModel, probe: Probe) -> list[torch.Tensor]:
@@ -149,31 +133,6 @@ def replacements(mode: str, probe: Probe, z: list[torch.Tensor],
             raise ValueError(f"unknown ablation mode {mode!r}; known: {', '.join(MODES)}")
         out.append(rep)
     return out
-
-
-class _Replay(nn.Module):
-    """Stands in for a skipped block: returns the cached residual (the next block's input)."""
-
-    def __init__(self, resid: torch.Tensor) -> None:
-        super().__init__()
-        self.resid = resid
-
-    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self.resid
-
-
-@contextmanager
-def resumed_at(lm: LoadedModel, layer: int, resid: torch.Tensor) -> Iterator[None]:
-    """Forwards inside skip blocks < layer; block `layer` gets `resid` (B', T, d_model) as input."""
-    blocks = lm.adapter.blocks
-    saved = [blocks[i] for i in range(layer)]
-    try:
-        for i in range(layer):
-            blocks[i] = _Replay(resid)
-        yield
-    finally:
-        for i, block in enumerate(saved):
-            blocks[i] = block
 
 
 def _stacked_edit(layer: int, heads: list[int], rep: torch.Tensor, batch: int):
@@ -219,7 +178,7 @@ def exact_effects(lm: LoadedModel, probe: Probe, cache: CleanCache, reps: list[t
             c = len(heads)
             if len(buckets) == 1:
                 resid = cache.resid[layer].repeat(c, 1, 1)  # (c*B, T, d_model)
-                with (torch.inference_mode(), resumed_at(lm, layer, resid),
+                with (torch.inference_mode(), resumed_at(lm.adapter, layer, resid),
                       edit_z(a, _stacked_edit(layer, heads, reps[layer], b), [layer])):
                     logits = probe.logits(lm, copies=c).cpu()
             else:
@@ -262,7 +221,7 @@ def _bucketed_logits(lm: LoadedModel, probe: Probe, cache: CleanCache, reps: lis
     for rows, width in buckets:
         n = len(rows)
         resid = cache.resid[layer][rows, :width].repeat(c, 1, 1)
-        with (torch.inference_mode(), resumed_at(lm, layer, resid),
+        with (torch.inference_mode(), resumed_at(lm.adapter, layer, resid),
               edit_z(a, _stacked_edit(layer, heads, reps[layer][rows, :width], n), [layer])):
             part = logits_per_row(lm, probe.tokens[rows, :width].repeat(c, 1), probe.positions[rows].repeat(c)).cpu()
         if out is None:

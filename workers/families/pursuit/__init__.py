@@ -15,7 +15,7 @@ EVR and the control EVR are kept in `head_metrics` (`pursuit.evr.<concept>`, `pu
 Stored: `concept_scores` (EVR and rank per head and concept), `concepts` (the word lists),
 `head_tokens` kind 'pursuit' (each head's top full-vocabulary atoms in selection order, score =
 the EVR each atom added; l2 criterion on a rank-truncated covariance and a candidate shortlist,
-see `readout`), `edits` and `run_metrics` (the verification, workers/editing.py).
+see `readout`), `edits` and `run_metrics` (the verification, workers/families/pursuit/editing.py).
 
 Failure cases: EVR is not comparable across concepts (dictionary sizes differ, and T close to the
 number of concept tokens makes SOMP project onto the whole concept span); a head writing many
@@ -30,7 +30,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -39,11 +39,11 @@ from workers.adapters import norm_gain
 from workers.concepts import Concept, load_concepts, tokenize_concept
 from workers.corpora import load_corpus
 from workers.families.base import FamilyResult
+from workers.families.pursuit.somp import CRITERIA, CovarianceAccumulator, centred, somp_heads
 from workers.hooks import edit_z
 from workers.models import LoadedModel
 from workers.options import CONCEPTS, CORPUS, SEED, TEXT_FIELD, Option, resolve
-from workers.probes import bos_id
-from workers.somp import CRITERIA, CovarianceAccumulator, centred, somp_heads
+from workers.probes import bos_id, encode_batch
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,24 @@ class PursuitFamily:
         SEED, CORPUS, TEXT_FIELD,
     )
 
+    # how the metrics are defined: stored with every run (runs.config.definitions), not hashed into its id
+    definitions: ClassVar[dict[str, str]] = {
+        "dictionary": "W_U diag(gamma): final-norm gain folded in, rows L2-normalised",
+        "variants": "word, Capitalized, lower; each with and without a leading space",
+        "multi_token": ("words with no single-token variant: out of the dictionary and the mass, "
+                        "counted in generations"),
+        "samples": "the first samples_per_concept training prompts of every concept in the run, BOS prepended",
+        "score": "specificity: EVR(concept) - mean EVR(control dictionaries); evr: EVR",
+        "control_draw": ("uniform single token ids from the whole vocabulary, minus the concept's ids, same count as "
+                         "the concept's; seeded by (seed, concept, draw); same T and criterion"),
+        "pool": "mean over prompt tokens, BOS excluded",
+        "head_write": ("z W_O^h; after a post-attention norm (Gemma 2/3): gamma_post * z W_O^h / rms(attention "
+                       "output) per token, the gain folded into W_O and 1/rms into the pooling weights"),
+        "layernorm_models": "head write centred over d_model (C W_O^h), what the unembedding reads",
+        "o_proj_bias": "not part of any head (none in Llama/Gemma)",
+        "logit_lens_score": "mean over samples and concept tokens of (W_U diag(gamma))_j . (z W_O^h)",
+    }
+
     def config(self, options: dict[str, Any]) -> dict[str, Any]:
         o = resolve(self.options, options)
         concepts = load_concepts(o["concepts"])
@@ -113,24 +131,10 @@ class PursuitFamily:
             "concepts": [c.to_dict() for c in concepts],
             "criterion": criterion,
             "steps": steps,
-            "dictionary": "W_U diag(gamma): final-norm gain folded in, rows L2-normalised",
-            "variants": "word, Capitalized, lower; each with and without a leading space",
-            "multi_token": "words with no single-token variant: out of the dictionary and the mass, "
-                           "counted in generations",
-            "samples": "the first samples_per_concept training prompts of every concept in the run, BOS prepended",
             "samples_per_concept": o["samples_per_concept"],
             "ranking": ranking,
-            "score": ("EVR(concept) - mean EVR(control dictionaries)" if ranking == "specificity" else "EVR"),
-            "control": {"dictionaries": n_control if ranking == "specificity" else 0,
-                        "draw": "uniform single token ids from the whole vocabulary, minus the concept's ids, "
-                                "same count as the concept's; seeded by (seed, concept, draw); same T and criterion"},
-            "pool": "mean over prompt tokens, BOS excluded",
-            "head_write": "z W_O^h; after a post-attention norm (Gemma 2/3): gamma_post * z W_O^h / rms(attention "
-                          "output) per token, the gain folded into W_O and 1/rms into the pooling weights",
+            "control": {"dictionaries": n_control if ranking == "specificity" else 0},
             "centering": True, "atom_order": "selection",
-            "layernorm_models": "head write centred over d_model (C W_O^h), what the unembedding reads",
-            "o_proj_bias": "not part of any head (none in Llama/Gemma)",
-            "logit_lens_score": "mean over samples and concept tokens of (W_U diag(gamma))_j . (z W_O^h)",
             "readout": {"atoms": o["readout_atoms"], "criterion": "l2",
                         "shortlist_rank": o["readout_rank"], "candidates": o["readout_candidates"]},
             "verify": {"grid": grid_name, **{key: value if o[key] is None else o[key]
@@ -146,7 +150,7 @@ class PursuitFamily:
         return f"concepts:{names}"
 
     def run(self, lm: LoadedModel, config: dict[str, Any]) -> FamilyResult:
-        from workers.editing import verify
+        from workers.families.pursuit.editing import verify
 
         concepts = [Concept.from_dict(c) for c in config["concepts"]]
         n_vocab = lm.adapter.unembed.weight.shape[0]
@@ -255,21 +259,6 @@ def control_ids(ids: list[int], n_vocab: int, n: int, seed: str) -> list[list[in
     exclude[torch.tensor(ids, dtype=torch.long)] = True
     pool = (~exclude).nonzero().flatten()
     return [pool[torch.randperm(len(pool), generator=gen)[:len(ids)]].tolist() for _ in range(n)]
-
-
-def encode_batch(lm: LoadedModel, texts: list[str], side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
-    """BOS + tokens, padded: (ids (b, T), attention mask (b, T)); left padding for generation."""
-    bos = bos_id(lm.tokenizer)
-    seqs = [[bos, *lm.tokenizer.encode(t, add_special_tokens=False)] for t in texts]
-    width = max(len(s) for s in seqs)
-    pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else bos
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        span = slice(0, len(s)) if side == "right" else slice(width - len(s), width)
-        ids[i, span] = torch.tensor(s)
-        mask[i, span] = 1
-    return ids, mask
 
 
 def pooled_z(lm: LoadedModel, texts: list[str], batch: int) -> tuple[torch.Tensor, int]:

@@ -1,7 +1,7 @@
 """Retrieval heads (Wu et al., arXiv 2404.15574): copy-paste from a needle during greedy decoding.
 
 Per test (one needle at one length and depth), the prompt is prefilled with sdpa and decoded
-greedily; at every decode step t the probe (workers/decode_probe.py) gives each head's argmax key
+greedily; at every decode step t the probe (workers/families/retrieval/decode_probe.py) gives each head's argmax key
 j*_t from that step's query and the cached keys, never a T x T matrix. Head h hits at step t when
 b <= j*_t < e (the answer span) and prompt[j*_t] equals the generated token w_t. Per test,
 s_h = hits / (e - b), repeated hits counted again as in Wu et al.'s code. A test is kept only if
@@ -26,17 +26,17 @@ from __future__ import annotations
 import itertools
 import json
 import random
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 from workers.corpora import load_corpus
-from workers.decode_probe import DecodeProbe, attached
 from workers.families.base import FamilyResult, head_metric_rows
+from workers.families.retrieval.decode_probe import DecodeProbe, attached
+from workers.families.retrieval.needles import NEEDLES, NeedleTest, build_tests, depth_grid, length_grid, rouge1_recall
 from workers.kv_cache import new_cache, stacked, with_cache
 from workers.models import LoadedModel
-from workers.needles import NEEDLES, NeedleTest, build_tests, depth_grid, length_grid, rouge1_recall
 from workers.options import CORPUS, SEED, TEXT_FIELD, Option, resolve
 
 
@@ -242,6 +242,15 @@ class RetrievalFamily:
         SEED, CORPUS, TEXT_FIELD,
     )
 
+    # how the metrics are defined: stored with every run (runs.config.definitions), not hashed into its id
+    definitions: ClassVar[dict[str, str]] = {
+        "keep_if": "rouge1_recall(answer, response) > 0.5 (lowercase alnum unigrams, no stemming)",
+        "hit": "argmax in answer span and prompt[argmax] == generated token",
+        "mask_tests": "kept tests at the longest length, evenly spread, at most mask_max_tests",
+        "mask_mode": "query zeroed on decode steps only (uniform attention)",
+        "attn_implementation": "sdpa prefill; decode-step argmax probe (q.K^T, GQA)",
+    }
+
     def config(self, options: dict[str, Any]) -> dict[str, Any]:
         o = resolve(self.options, options)
         max_context = o["max_context"]
@@ -254,15 +263,10 @@ class RetrievalFamily:
                 "needles": [n.name for n in NEEDLES],
                 "max_new_tokens": o["retrieval_max_new_tokens"],
                 "prompt": o["retrieval_prompt"],
-                "keep_if": "rouge1_recall(answer, response) > 0.5 (lowercase alnum unigrams, no stemming)",
-                "hit": "argmax in answer span and prompt[argmax] == generated token",
                 "mask_k": o["retrieval_mask_k"],
                 "mask_random_seeds": o["retrieval_mask_seeds"],
                 "mask_max_tests": o["retrieval_mask_tests"],
-                "mask_tests": "kept tests at the longest length, evenly spread, at most mask_max_tests",
-                "mask_mode": "query zeroed on decode steps only (uniform attention)",
-                "seed": o["seed"],
-                "attn_implementation": "sdpa prefill; decode-step argmax probe (q.K^T, GQA)"}
+                "seed": o["seed"]}
 
     def probe_set(self, config: dict[str, Any]) -> str:
         return f"needles:{len(config['needles'])}:{config['corpus_id']}:max={config['max_context']}"

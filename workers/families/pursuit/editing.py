@@ -28,10 +28,10 @@ import torch.nn.functional as F
 
 from workers.concepts import Concept, ConceptTokens, concept_mass, count_concept_words, load_concepts
 from workers.corpora import load_corpus, token_windows
-from workers.hooks import edit_z
+from workers.hooks import block_inputs, edit_z, resumed_at
 from workers.kv_cache import new_cache, stacked, with_cache
 from workers.models import LoadedModel
-from workers.probes import bos_id
+from workers.probes import bos_id, encode_batch
 
 log = logging.getLogger(__name__)
 Heads = list[tuple[int, int]]
@@ -92,8 +92,6 @@ def row_scales(lm: LoadedModel, scales: torch.Tensor) -> Iterator[None]:
 
 
 def _left_padded(lm: LoadedModel, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, int]:
-    from workers.families.pursuit import encode_batch
-
     ids, mask = encode_batch(lm, texts, side="left")
     pad = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else bos_id(lm.tokenizer)
     return ids, mask, pad
@@ -151,29 +149,17 @@ class CleanPrompts:
 
     def __init__(self, lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor) -> None:
         self.ids, self.mask = ids, mask
-        blocks = lm.adapter.blocks
-        self.resid: list[torch.Tensor] = [torch.empty(0)] * len(blocks)
-
-        def keep(module: torch.nn.Module, args: tuple, kwargs: dict, layer: int = 0) -> None:
-            self.resid[layer] = (args[0] if args else kwargs["hidden_states"]).detach()
-
-        handles = [block.register_forward_pre_hook(lambda m, a, k, _l=i: keep(m, a, k, _l), with_kwargs=True)
-                   for i, block in enumerate(blocks)]
         self.cache = new_cache(lm.model)
-        try:
+        with block_inputs(lm.adapter) as resid:
             self.first = _prefill(lm, ids, mask, self.cache)
-        finally:
-            for handle in handles:
-                handle.remove()
+        self.resid = resid
 
     def prefill_from(self, lm: LoadedModel, start: int, copies: int) -> tuple[Any, torch.Tensor]:
         """`copies` stacked copies of the prompts run from layer `start` (edits attached by the caller):
         their cache (the clean one below `start`) and the logits after each prompt."""
-        from workers.ablation_exact import resumed_at
-
         cache = new_cache(lm.model)
         ids, mask = self.ids.repeat(copies, 1), self.mask.repeat(copies, 1)
-        with resumed_at(lm, start, self.resid[start].repeat(copies, 1, 1)):
+        with resumed_at(lm.adapter, start, self.resid[start].repeat(copies, 1, 1)):
             first = _prefill(lm, ids, mask, cache)
         for layer in range(start):  # the skipped layers saw the clean prompt
             keys, values = self.cache.layers[layer].keys, self.cache.layers[layer].values
@@ -250,17 +236,14 @@ def _decode_batches(parts: list[tuple[list[int], Any, torch.Tensor]], most: int
 
 class CleanWindows:
     """Corpus windows with their clean block inputs: an edit that starts at layer l changes nothing
-    below it, so its forward resumes from the cached residual at l (workers/ablation_exact.py)."""
+    below it, so its forward resumes from the cached residual at l (workers/hooks.py)."""
 
     def __init__(self, lm: LoadedModel, windows: torch.Tensor) -> None:
-        from workers.ablation_exact import CleanCache, Probe, clean_run
-
         self.windows = windows  # (n, T)
-        probe = Probe("loss", windows, torch.arange(windows.shape[1]), lambda logits: {"loss": _ce(logits, windows)},
-                      torch.ones_like(windows, dtype=torch.bool))
-        cache: CleanCache = clean_run(lm, probe)
-        self.resid = cache.resid  # per layer (n, T, d_model)
-        self.loss = float(cache.metrics["loss"].mean())
+        with torch.inference_mode(), block_inputs(lm.adapter) as resid:
+            logits = lm.model(windows.to(lm.device), use_cache=False).logits
+        self.resid = resid  # per layer (n, T, d_model)
+        self.loss = float(_ce(logits, windows).mean())
 
 
 def _by_lowest_edited_layer(scales: torch.Tensor) -> dict[int, list[int]]:
@@ -288,8 +271,6 @@ def corpus_loss(lm: LoadedModel, windows: torch.Tensor | CleanWindows, settings:
     """Mean next-token cross-entropy on windows (n, T) under each setting: one value per setting.
 
     Settings are grouped by their lowest edited layer; each group's forward resumes there."""
-    from workers.ablation_exact import resumed_at
-
     clean = windows if isinstance(windows, CleanWindows) else CleanWindows(lm, windows)
     n, width = clean.windows.shape
     n_layers, n_heads, vocab = lm.adapter.n_layers, lm.adapter.n_heads, lm.adapter.unembed.weight.shape[0]
@@ -303,7 +284,7 @@ def corpus_loss(lm: LoadedModel, windows: torch.Tensor | CleanWindows, settings:
             chunk = members[c:c + per_setting]
             rows = clean.windows.repeat(len(chunk), 1)
             resid = clean.resid[start].repeat(len(chunk), 1, 1)
-            with resumed_at(lm, start, resid), row_scales(lm, scales[chunk].repeat_interleave(n, dim=0)):
+            with resumed_at(lm.adapter, start, resid), row_scales(lm, scales[chunk].repeat_interleave(n, dim=0)):
                 logits = lm.model(rows.to(lm.device), use_cache=False).logits
             losses = _ce(logits, rows).view(len(chunk), n).mean(1)
             for i, value in zip(chunk, losses.tolist(), strict=True):

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from workers.ablation_exact import Probe
+from workers.families.ablation.exact import Probe
 from workers.models import LoadedModel
 
 TAP = "atlas_tap"

@@ -77,7 +77,7 @@ def ioi_prompts(tokenizer: Any, n_vocab: int, n_prompts: int = 24, seed: int = 0
     """N seeded IOI prompts with their ABC counterparts (see the module docstring)."""
     gen = torch.Generator().manual_seed(seed)
     names = single_token_names(tokenizer)
-    source = "single-token names from workers.ioi.NAMES"
+    source = "single-token names from workers.families.ablation.ioi.NAMES"
     if len(names) < 4:
         pool = sampleable_ids(tokenizer, n_vocab)
         picks = pool[torch.randperm(len(pool), generator=gen)[:16]].tolist()

@@ -36,7 +36,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -131,16 +131,20 @@ class LensFamily:
         CORPUS, TEXT_FIELD,
     )
 
+    # how the metrics are defined: stored with every run (runs.config.definitions), not hashed into its id
+    definitions: ClassVar[dict[str, str]] = {
+        "bos": "prepend tokenizer BOS (else EOS); windows cut from texts joined by EOS",
+        "positions": "1 .. T-2 of each window (skip BOS; each has a known next token)",
+        "final_norm": "frozen per-position scale from the clean run (y = s gamma C x + beta)",
+        "readout": "mean_p(s_p z_p) through W_U diag(gamma) C W_O^h, centred over the vocab",
+    }
+
     def config(self, options: dict[str, Any]) -> dict[str, Any]:
         o = resolve(self.options, options)
         window = o["lens_window"]
         spec, corpus_id = check_corpus(o, window)
         return {"corpus": spec, "corpus_id": corpus_id, "text_field": o["text_field"],
                 "window": window, "windows": o["lens_windows"], "batch": o["lens_batch"], "top_k": o["lens_top_k"],
-                "bos": "prepend tokenizer BOS (else EOS); windows cut from texts joined by EOS",
-                "positions": "1 .. T-2 of each window (skip BOS; each has a known next token)",
-                "final_norm": "frozen per-position scale from the clean run (y = s gamma C x + beta)",
-                "readout": "mean_p(s_p z_p) through W_U diag(gamma) C W_O^h, centred over the vocab",
                 "unembed_bias": "excluded"}
 
     def probe_set(self, config: dict[str, Any]) -> str:
