@@ -125,10 +125,11 @@ def _roles(atlas: Atlas, infos: list[dict[str, Any]], metrics: list[str],
         if default is None and metric not in overrides:
             continue
         threshold = overrides.get(metric, default["threshold"] if default else None)
-        role = {"metric": metric, "label": default["label"] if default else metric.split(".", 1)[-1],
-                "threshold": threshold, "default_threshold": default["threshold"] if default else None,
-                "source": default["source"] if default else "set on the command line",
-                "overridden": metric in overrides, "counts": {}}
+        role: dict[str, Any] = {
+            "metric": metric, "label": default["label"] if default else metric.split(".", 1)[-1],
+            "threshold": threshold, "default_threshold": default["threshold"] if default else None,
+            "source": default["source"] if default else "set on the command line",
+            "overridden": metric in overrides, "counts": {}}
         for info in infos:
             cell = grids[info["model_key"]].get(metric)
             if cell is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -59,9 +59,9 @@ class By(enum.StrEnum):
 @reports_errors
 def match(
     model: Annotated[str, typer.Argument(help="Model A: alias or model key.")],
+    in_: Annotated[str, typer.Option("--in", help="Model B, searched for similar heads.")],  # required
     head: Annotated[str | None, typer.Argument(help="A head of model A as LAYER.HEAD (e.g. 18.6); omit for "
                                                "every head of A.")] = None,
-    in_: Annotated[str, typer.Option("--in", help="Model B, searched for similar heads.")] = ...,
     top: Annotated[int, typer.Option(help="Matches per head (default 10 for one head, 1 for all).")] = 0,
     by: Annotated[By, typer.Option(help="profile (rank-normalized metric scores), tokens (lens readout "
                                    "overlap) or both.")] = By.both,
@@ -110,6 +110,7 @@ def export(
     from atlas.export import export_headvis, export_parquet
     from atlas.store import Atlas
 
+    result: dict[str, Any]
     with Atlas(db) as atlas:
         if format is ExportFormat.headvis:
             result = {"format": "headvis", "trees": export_headvis(atlas, out, _split(model), dataset, overwrite)}

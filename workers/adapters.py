@@ -10,9 +10,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict, cast
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @dataclass(frozen=True)
@@ -26,7 +30,7 @@ class ArchitectureAdapter:
     conv1d: bool = False  # GPT-2's Conv1D stores W as [in, out]
     post_attn_norm: str | None = None  # attribute of a block: a norm on the attention output (Gemma 2/3)
 
-    def bind(self, model: nn.Module) -> BoundAdapter:
+    def bind(self, model: PreTrainedModel) -> BoundAdapter:
         return BoundAdapter(self, model)
 
 
@@ -37,8 +41,23 @@ def _get(root: nn.Module, path: str) -> nn.Module:
     return module
 
 
-_DECODER = dict(layers="model.layers", attention="self_attn", out_proj="o_proj",
-                final_norm="model.norm", unembed="lm_head")
+class _Projection(Protocol):
+    """The attention output projection's parameters: nn.Linear, or GPT-2's Conv1D (same names)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+
+class _Paths(TypedDict):
+    layers: str
+    attention: str
+    out_proj: str
+    final_norm: str
+    unembed: str
+
+
+_DECODER: _Paths = dict(layers="model.layers", attention="self_attn", out_proj="o_proj",
+                        final_norm="model.norm", unembed="lm_head")
 
 ADAPTERS: dict[str, ArchitectureAdapter] = {
     "LlamaForCausalLM": ArchitectureAdapter("llama", **_DECODER),
@@ -64,21 +83,21 @@ def adapter_for(class_name: str) -> ArchitectureAdapter | None:
 class BoundAdapter:
     """An adapter bound to one loaded model: modules, head counts, W_O slices, GQA map."""
 
-    def __init__(self, spec: ArchitectureAdapter, model: nn.Module) -> None:
+    def __init__(self, spec: ArchitectureAdapter, model: PreTrainedModel) -> None:
         self.spec = spec
         self.model = model
-        cfg = model.config
+        cfg: Any = model.config  # head counts live under architecture-specific names (GPT-2: n_head)
         self.n_layers = len(self.blocks)
         self.n_heads = int(getattr(cfg, "num_attention_heads", None) or cfg.n_head)
         self.n_kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.n_heads)
-        w = self.out_proj(0).weight
+        w = self._projection(0).weight
         in_features = w.shape[0] if spec.conv1d else w.shape[1]
-        self.d_head = in_features // self.n_heads
-        self.d_model = w.shape[1] if spec.conv1d else w.shape[0]
+        self.d_head: int = in_features // self.n_heads
+        self.d_model: int = w.shape[1] if spec.conv1d else w.shape[0]
 
     @cached_property
     def blocks(self) -> nn.ModuleList:
-        return _get(self.model, self.spec.layers)
+        return cast(nn.ModuleList, _get(self.model, self.spec.layers))
 
     def attention(self, layer: int) -> nn.Module:
         return getattr(self.blocks[layer], self.spec.attention)
@@ -86,16 +105,21 @@ class BoundAdapter:
     def out_proj(self, layer: int) -> nn.Module:
         return getattr(self.attention(layer), self.spec.out_proj)
 
+    def _projection(self, layer: int) -> _Projection:
+        """out_proj(layer), typed by the parameters read off it."""
+        return getattr(self.attention(layer), self.spec.out_proj)
+
     @property
     def final_norm(self) -> nn.Module:
         return _get(self.model, self.spec.final_norm)
 
     @property
-    def unembed(self) -> nn.Module:
-        """The unembedding, from transformers' own accessor: attribute names move between releases
-        (GPT-NeoX's `embed_out` is `lm_head` in 5.x); the spec's path is the fallback."""
+    def unembed(self) -> nn.Linear:
+        """The unembedding (an nn.Linear in every supported architecture), from transformers' own
+        accessor: attribute names move between releases (GPT-NeoX's `embed_out` is `lm_head` in 5.x);
+        the spec's path is the fallback."""
         found = self.model.get_output_embeddings()
-        return found if found is not None else _get(self.model, self.spec.unembed)
+        return cast(nn.Linear, found if found is not None else _get(self.model, self.spec.unembed))
 
     def post_attn_norm(self, layer: int) -> nn.Module | None:
         """The norm between the attention output and the residual stream, if the architecture has one.
@@ -118,7 +142,7 @@ class BoundAdapter:
         norm = self.post_attn_norm(layer)
         if norm is None:
             return None
-        proj = self.out_proj(layer)
+        proj = self._projection(layer)
         out = torch.nn.functional.linear(z.reshape(*z.shape[:2], -1), proj.weight, proj.bias).float()  # no hooks
         eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-6)))
         return out.square().mean(-1).add(eps).rsqrt()
@@ -135,7 +159,7 @@ class BoundAdapter:
 
     def w_o(self, layer: int) -> torch.Tensor:
         """Per-head output matrices, (n_heads, d_head, d_model)."""
-        w = self.out_proj(layer).weight
+        w = self._projection(layer).weight
         w_in_out = w if self.spec.conv1d else w.T  # (n_heads * d_head, d_model)
         return w_in_out.reshape(self.n_heads, self.d_head, self.d_model)
 
@@ -162,7 +186,7 @@ def norm_gain(norm: nn.Module, d_model: int) -> torch.Tensor:
     x = torch.ones(d_model)
     x[1::2] = -1.0
     if d_model % 2:
-        return norm.weight.detach().float().cpu()
+        return norm.get_parameter("weight").detach().float().cpu()
     param = next(norm.parameters())
     with torch.inference_mode():
         probe = torch.stack([x, torch.zeros(d_model)]).to(param.device, param.dtype)

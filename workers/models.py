@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from atlas.errors import BadInput, NotFound
 from workers.adapters import ADAPTERS, BoundAdapter, adapter_for
@@ -341,22 +341,22 @@ def _gguf_parsed_once() -> Iterator[None]:
     """transformers' GGUF loader parses the file three times (config, tokenizer, weights) and rebuilds
     gguf's tensor-name map once per tensor (397 times for SmolLM2): 28 of the 43 s a cold SmolLM2
     dequantization took (cProfile). Inside this block each is built once; what they return is read only."""
+    from unittest import mock
+
     import gguf
 
     real_reader, real_map = gguf.GGUFReader, gguf.get_tensor_name_map
     readers: dict[tuple[str, str], Any] = {}
 
-    def reader(path: Any, mode: str = "r") -> Any:
+    def reader(path: Any, mode: Literal["r", "r+", "c"] = "r") -> Any:
         key = (os.fspath(path), mode)
         if key not in readers:
             readers[key] = real_reader(path, mode)
         return readers[key]
 
-    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.cache(real_map)
-    try:
+    with mock.patch.object(gguf, "GGUFReader", reader), \
+            mock.patch.object(gguf, "get_tensor_name_map", functools.cache(real_map)):
         yield
-    finally:
-        gguf.GGUFReader, gguf.get_tensor_name_map = real_reader, real_map
 
 
 def _dequantized_dir(source: ModelSource) -> Path:
@@ -364,6 +364,7 @@ def _dequantized_dir(source: ModelSource) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    assert source.file_hash is not None, "a GGUF source is hashed when resolved"
     target = cache_root() / "models" / source.file_hash[:16]
     if (target / "config.json").exists():
         return target
@@ -372,8 +373,10 @@ def _dequantized_dir(source: ModelSource) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
                                                      dtype=torch.float32)
-    model.hf_quantizer = None  # the weights are plain tensors now; let save_pretrained write them
-    model.is_quantized = False
+    # The weights are plain tensors now; let save_pretrained write them. from_pretrained sets both
+    # attributes without PreTrainedModel declaring them, so mypy sees nn.Module.__getattr__'s type.
+    model.hf_quantizer = None  # type: ignore[assignment]
+    model.is_quantized = False  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}")
@@ -412,7 +415,7 @@ def load(source: ModelSource, device: str = "auto", *, trust_remote_code: bool =
                        f"{' '.join(str(exc).split())[:300]}",
                        "check that the file or directory holds a complete causal language model") from exc
     if device_map is None:
-        model.to(device)
+        model.to(device)  # type: ignore[arg-type]  # transformers' @wraps on PreTrainedModel.to hides the bound self
     model.eval()
     spec = adapter_for(type(model).__name__)
     if spec is None:

@@ -10,7 +10,7 @@ value out of range, with a message that names the option, what was wrong and wha
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,7 +117,8 @@ def _text(option: Option, value: Any) -> str | list[str]:
     return _str(option, value)
 
 
-_TYPES = {"int": _int, "float": _float, "str": _str, "bool": _bool, "floats": _floats, "text": _text}
+_TYPES: dict[str, Callable[[Option, Any], Any]] = {
+    "int": _int, "float": _float, "str": _str, "bool": _bool, "floats": _floats, "text": _text}
 
 
 # Options more than one family reads: declared once here, listed by each family that reads them.

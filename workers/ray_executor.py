@@ -17,7 +17,7 @@ from typing import Any
 import ray
 
 from atlas.errors import AtlasError
-from workers.models import ModelSource, load
+from workers.models import LoadedModel, ModelSource, load
 from workers.plan import Unit
 from workers.unit import UnitResult, run_unit
 
@@ -32,21 +32,25 @@ class ModelActor:
 
         torch.set_num_threads(threads)  # Ray pins OMP threads to the actor's CPUs; be explicit
         self.error: Exception | None = None
+        self.lm: LoadedModel | None = None
         try:
             self.lm = load(source, device, **options)
         except Exception as exc:  # kept and raised from ready(), so the driver sees a clear error
-            self.lm, self.error = None, exc
+            self.error = exc
+
+    def _loaded(self) -> LoadedModel:
+        if self.lm is None:
+            raise self.error or RuntimeError("the model was not loaded")
+        return self.lm
 
     def ready(self) -> dict[str, Any]:
-        if self.error is not None:
-            raise self.error
-        return self.lm.models_row()
+        return self._loaded().models_row()
 
     def pid(self) -> int:
         return os.getpid()
 
     def run_unit(self, unit: Unit, shard_root: str) -> UnitResult:
-        return run_unit(self.lm, unit, shard_root)
+        return run_unit(self._loaded(), unit, shard_root)
 
 
 def _unwrap(exc: Exception) -> Exception:
@@ -85,7 +89,8 @@ class RayExecutor:
     def _spawn(self, source: ModelSource, cpus: int) -> Any:
         actor_cls = ray.remote(ModelActor).options(num_cpus=cpus, num_gpus=self.num_gpus,
                                                    max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS)
-        actor = actor_cls.remote(source, self.device, self.load_options, cpus)
+        # Any, like self.actors: ray types an actor's methods as plain callables, without .remote
+        actor: Any = actor_cls.remote(source, self.device, self.load_options, cpus)
         try:
             ray.get(actor.ready.remote())
         except ray.exceptions.RayError as exc:

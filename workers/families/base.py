@@ -19,11 +19,29 @@ class FamilyResult:
 
 
 class Family(Protocol):
-    name: str
-    version: int
-    stores: tuple[str, ...]  # the atlas tables it writes
-    options: tuple[Option, ...]  # what a user may set (workers/options.py); checked before planning
-    definitions: dict[str, str]  # prose: how the metrics are defined; stored with each run, never hashed
+    """Read-only members, so plain class attributes satisfy them: `stores = ("head_metrics",)` (a
+    tuple[str]), a ClassVar dict for `definitions`, or instance attributes in a plugin."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def version(self) -> int: ...
+
+    @property
+    def stores(self) -> tuple[str, ...]:
+        """The atlas tables it writes."""
+        ...
+
+    @property
+    def options(self) -> tuple[Option, ...]:
+        """What a user may set (workers/options.py); checked before planning."""
+        ...
+
+    @property
+    def definitions(self) -> dict[str, str]:
+        """Prose: how the metrics are defined; stored with each run, never hashed."""
+        ...
 
     def config(self, options: dict[str, Any]) -> dict[str, Any]:
         """The full, explicit config from user options: defaults filled in, hashed into the run id.

@@ -101,7 +101,10 @@ def concept_probe(lm: LoadedModel, config: dict[str, Any]) -> tuple[Probe | None
 
     bos = bos_id(lm.tokenizer)
     n_vocab = lm.adapter.unembed.weight.shape[0]
-    rows, owner, ids, info = [], [], {}, {}
+    rows: list[list[int]] = []
+    owner: list[str] = []
+    ids: dict[str, torch.Tensor] = {}
+    info: dict[str, Any] = {}
     for concept in load_concepts(config["concepts"]):
         toks = tokenize_concept(concept, lm.tokenizer, n_vocab)
         info[concept.name] = toks.summary()
@@ -124,8 +127,8 @@ def concept_probe(lm: LoadedModel, config: dict[str, Any]) -> tuple[Probe | None
         return {f"concept.{name}": concept_mass(logits[groups[name].to(logits.device)], ids[name])
                 for name in ids}
 
-    rows = {f"concept.{name}": group for name, group in groups.items()}
-    return _last_token_probe("concepts", tokens, valid.sum(1) - 1, valid, per_row, rows=rows), info
+    row_groups = {f"concept.{name}": group for name, group in groups.items()}
+    return _last_token_probe("concepts", tokens, valid.sum(1) - 1, valid, per_row, rows=row_groups), info
 
 
 # -- agreement -----------------------------------------------------------------------------------

@@ -199,7 +199,8 @@ def row_buckets(probe: Probe, most: int = 3) -> list[tuple[torch.Tensor, int]]:
         return [(torch.arange(b), t)]
     order = probe.positions.argsort(stable=True)
     width = (probe.positions[order] + 1).tolist()  # ascending: a group costs its size x its last width
-    best = {(0, 0): (0, [])}  # (rows placed, groups used) -> (tokens, cut points)
+    # (rows placed, groups used) -> (tokens, cut points)
+    best: dict[tuple[int, int], tuple[int, list[int]]] = {(0, 0): (0, [])}
     for used in range(most):
         for (placed, groups), (cost, cuts) in list(best.items()):
             if groups != used or placed == b:

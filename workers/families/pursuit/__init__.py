@@ -228,8 +228,8 @@ def rank_concepts(lm: LoadedModel, flat: torch.Tensor, w_o: torch.Tensor, acc: C
     n_control = config.get("control", {}).get("dictionaries", 0)
     out = Ranking({}, {}, [], [])
     for name, ids in concepts:
-        evr = somp_heads(x, w_o, concept_rows(lm, ids, gain), config["steps"], config["criterion"])
-        evr = evr.final_evr.float().view(n_layers, n_heads)
+        result = somp_heads(x, w_o, concept_rows(lm, ids, gain), config["steps"], config["criterion"])
+        evr = result.final_evr.float().view(n_layers, n_heads)
         control = [somp_heads(x, w_o, concept_rows(lm, ids_, gain), config["steps"], config["criterion"])
                    .final_evr.float().view(n_layers, n_heads)
                    for ids_ in control_ids(ids, n_vocab, n_control, f"{config['seed']}:{name}")]

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from workers.concepts import Concept, ConceptTokens, concept_mass, count_concept_words, load_concepts
 from workers.corpora import load_corpus, token_windows
 from workers.hooks import block_inputs, edit_z, resumed_at
-from workers.kv_cache import new_cache, stacked, with_cache
+from workers.kv_cache import keys_values, new_cache, stacked, with_cache
 from workers.models import LoadedModel
 from workers.probes import bos_id, encode_batch
 
@@ -162,7 +162,7 @@ class CleanPrompts:
         with resumed_at(lm.adapter, start, self.resid[start].repeat(copies, 1, 1)):
             first = _prefill(lm, ids, mask, cache)
         for layer in range(start):  # the skipped layers saw the clean prompt
-            keys, values = self.cache.layers[layer].keys, self.cache.layers[layer].values
+            keys, values = keys_values(self.cache.layers[layer])
             cache.update(keys.repeat(copies, 1, 1, 1), values.repeat(copies, 1, 1, 1), layer)
         return cache, first
 
@@ -322,28 +322,32 @@ def verify(lm: LoadedModel, concepts: list[Concept], tokens: dict[str, ConceptTo
                 settings += named.values()
                 alphas += [alpha] * len(named)
                 setting_k += [k] * len(named)
-        measured: dict[str, list[float | None]] = dict(
-            measure(lm, concept, tokens[concept.name].ids, settings, alphas, None, grid["max_new_tokens"]))
+        measured: dict[str, list[float | None]] = {
+            metric: list(values) for metric, values in
+            measure(lm, concept, tokens[concept.name].ids, settings, alphas, None, grid["max_new_tokens"]).items()}
         if clean is not None:  # the side effect: for every setting, or the unedited one and the largest k's
             loss_ks = set(ks) if grid.get("loss_at", "every") == "every" else {max(ks)}
             wanted = [0] + [i for i, k in enumerate(setting_k) if k in loss_ks]
             losses = corpus_loss(lm, clean, [settings[i] for i in wanted], [alphas[i] for i in wanted])
             measured["corpus_loss"] = [None] * len(settings)
-            for i, value in zip(wanted, losses, strict=True):
-                measured["corpus_loss"][i] = value
+            for i, loss in zip(wanted, losses, strict=True):
+                measured["corpus_loss"][i] = loss
         before = {metric: values[0] for metric, values in measured.items()}
         at = 1
         for k, alpha, named in picks:
             for metric, values in measured.items():
-                after = values[at:at + len(named)]
-                if any(value is None for value in after):  # not measured at this k (loss_at = largest)
+                window = values[at:at + len(named)]
+                after = [value for value in window if value is not None]
+                if len(after) < len(window):  # not measured at this k (loss_at = largest)
                     continue
+                unedited = before[metric]
+                assert unedited is not None, "the unedited setting (index 0) is measured for every metric"
                 for (selection, heads), value in zip(named.items(), after, strict=True):
                     edits.append({"edit_id": f"{concept.name}:k={k}:alpha={alpha:g}:{selection}:{metric}",
                                   "concept": concept.name, "k": k, "alpha": alpha, "selection": selection,
                                   "heads": [list(h) for h in heads], "metric": metric,
-                                  "before": before[metric], "after": value})
-                summaries.append(summary(concept.name, k, alpha, metric, before[metric],
+                                  "before": unedited, "after": value})
+                summaries.append(summary(concept.name, k, alpha, metric, unedited,
                                          dict(zip(named, after, strict=True))))
             at += len(named)
         log.info("verified %s (%d settings) in %.1fs", concept.name, len(settings), time.perf_counter() - t0)

@@ -23,9 +23,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 PROBE_IMPL = "head_atlas_probe"
 _ATTR = "_head_atlas_probe"
@@ -111,7 +114,11 @@ def probe_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: 
     """The registered attention function; returns (output (b, q_len, H, d), None) like sdpa."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    scaling = _head_dim(module) ** -0.5 if scaling is None else scaling
+    if scaling is None:
+        d_head = _head_dim(module)
+        if d_head is None:
+            raise ValueError(f"{type(module).__name__} has neither head_dim nor head_size to scale by")
+        scaling = d_head ** -0.5
     probe: DecodeProbe | None = getattr(module, _ATTR, None)
     if probe is None or query.shape[2] != 1:
         if softcap is not None:
@@ -124,13 +131,12 @@ def probe_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: 
     rows = probe.row_mask.get(module.layer_idx)
     if rows is not None:
         query = query.masked_fill(rows[:, :, None, None].to(query.device), 0.0)
-    logits = None
     if probe.record or softcap is not None:
         logits = decode_logits(query, key, scaling, attention_mask, softcap)  # (b, H, K)
-    if probe.record:
-        probe.back[module.layer_idx] = key.shape[2] - 1 - logits.argmax(-1)
-    if softcap is not None:
-        return _softmax_output(logits, value), None
+        if probe.record:
+            probe.back[module.layer_idx] = key.shape[2] - 1 - logits.argmax(-1)
+        if softcap is not None:
+            return _softmax_output(logits, value), None
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
 
 
@@ -156,7 +162,7 @@ def attention_modules(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
 
 
 @contextmanager
-def attached(model: torch.nn.Module, probe: DecodeProbe) -> Iterator[DecodeProbe]:
+def attached(model: PreTrainedModel, probe: DecodeProbe) -> Iterator[DecodeProbe]:
     """Switch the model to PROBE_IMPL and attach `probe`; restores both on exit."""
     register()
     previous = model.config._attn_implementation
