@@ -1,4 +1,5 @@
-# head-atlas: `make atlas` builds the embedded model's atlas; `make test` runs every check.
+# head-atlas: `make atlas` builds the embedded model's atlas; `make check` is the quick gate (ruff,
+# mypy, the fast tests); `make test` runs every check (`make check`, then the slow tests).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
@@ -8,7 +9,7 @@ DB ?= atlas.duckdb
 # Every family; FAMILIES=patterns,lens for a quick first atlas.
 FAMILIES ?= all
 
-.PHONY: install atlas test lint bench clean
+.PHONY: install atlas check test lint typecheck bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -32,11 +33,21 @@ atlas: install
 	@echo "  $(VENV)/bin/atlas compare llama --out report.html --db $(DB)         # HTML report (add models: gemma)"
 	@echo "  $(VENV)/bin/atlas query \"SELECT * FROM head_roles LIMIT 5\" --db $(DB)  # SQL over every metric"
 
+# Tests run offline (HF_HUB_OFFLINE) and without Ray's token auth; `-m "not slow"` plus `-m slow`
+# is every test exactly once. Formatting is not checked: see docs/contributing.md.
+PYTEST := HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled $(VENV)/bin/pytest -q
+
 lint: install
 	$(VENV)/bin/ruff check .
 
-test: lint
-	HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled $(VENV)/bin/pytest -q --timeout 1800
+typecheck: install
+	$(VENV)/bin/mypy
+
+check: lint typecheck
+	$(PYTEST) -m "not slow" --durations=15 --timeout 600
+
+test: check
+	$(PYTEST) -m slow --timeout 1800
 
 bench: install
 	$(PY) bench/bench_patterns.py
