@@ -6,6 +6,7 @@ DDL is compiled with the PostgreSQL dialect, which DuckDB speaks for everything 
 
 from __future__ import annotations
 
+import pyarrow as pa
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.schema import CreateTable
@@ -147,6 +148,35 @@ role_thresholds = sa.Table(
 
 # Tables a shard may carry, in ingest order; all but `concepts` are keyed by run_id.
 SHARD_TABLES = ("head_metrics", "head_tokens", "concepts", "concept_scores", "edits", "run_metrics")
+
+
+def arrow_type(column: sa.Column) -> pa.DataType:
+    """The Arrow type a shard stores for a column: the one place SQL types map to Arrow.
+
+    JSON columns travel as JSON text (atlas.shards serialises whatever a family hands in)."""
+    kind = column.type
+    if isinstance(kind, sa.JSON):
+        return pa.string()
+    if isinstance(kind, sa.BigInteger):  # before Integer: BigInteger is an Integer
+        return pa.int64()
+    if isinstance(kind, sa.Integer):
+        return pa.int32()
+    if isinstance(kind, sa.Double | sa.Float):
+        return pa.float64()
+    if isinstance(kind, sa.Boolean):
+        return pa.bool_()
+    if isinstance(kind, sa.DateTime):
+        return pa.timestamp("us", tz="UTC") if kind.timezone else pa.timestamp("us")
+    if isinstance(kind, sa.String):
+        return pa.string()
+    raise TypeError(f"no Arrow type for column {column.table.name}.{column.name} of type {kind!r}; "
+                    "add it to atlas.schema.arrow_type")
+
+
+def arrow_schema(table: str | sa.Table) -> pa.Schema:
+    """A table's Arrow schema, column for column; a field is non-nullable where the column is NOT NULL."""
+    table = metadata.tables[table] if isinstance(table, str) else table
+    return pa.schema([pa.field(c.name, arrow_type(c), nullable=bool(c.nullable)) for c in table.columns])
 
 DEFAULT_THRESHOLDS = [
     ("patterns.induction", 0.4, "induction", "ARENA stripe-score label threshold"),

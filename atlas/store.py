@@ -21,6 +21,7 @@ import sqlalchemy as sa
 
 from atlas import schema
 from atlas.errors import BadInput, Busy, NotFound, SchemaMismatch
+from atlas.records import RunRecord
 
 LOCK_MARKERS = ("Could not set lock", "Conflicting lock")
 
@@ -185,20 +186,20 @@ class Atlas:
         self._require_writer()
         shard = Path(shard_dir)
         manifest = json.loads((shard / "run.json").read_text())
-        run, model = manifest["run"], manifest["model"]
+        run, model = RunRecord.from_row(manifest["run"]), manifest["model"]
         tables = {name: pq.read_table(shard / f"{name}.parquet") for name in schema.SHARD_TABLES
                   if (shard / f"{name}.parquet").exists()}  # read before the transaction: short window
         rows = 0
         with self.transaction():
             self._replace_row(schema.models, model)
-            self._replace_row(schema.runs, run)
+            self._replace_row(schema.runs, run.row())
             for name, table in tables.items():
                 self.con.register("_shard", table)  # connection-local: other cursors never see it
                 try:
                     if name == "concepts":
                         self.con.execute("INSERT OR REPLACE INTO concepts BY NAME SELECT * FROM _shard")
                     else:
-                        self.con.execute(f"DELETE FROM {name} WHERE run_id = ?", [run["run_id"]])
+                        self.con.execute(f"DELETE FROM {name} WHERE run_id = ?", [run.run_id])
                         self.con.execute(f"INSERT INTO {name} BY NAME SELECT * FROM _shard")
                 finally:
                     self.con.unregister("_shard")
@@ -208,13 +209,13 @@ class Atlas:
             self.con.execute(schema.head_roles_view(metrics))
         return rows
 
-    def record_failure(self, run: dict[str, Any], model: dict[str, Any] | None) -> None:
+    def record_failure(self, run: RunRecord, model: dict[str, Any] | None) -> None:
         """Keep a failed unit visible (status + error) without touching its earlier results."""
         self._require_writer()
         with self.transaction():
             if model is not None:
                 self._replace_row(schema.models, model)
-            self._replace_row(schema.runs, run)
+            self._replace_row(schema.runs, run.row())
 
 
 def _one_line(exc: BaseException) -> str:

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random-weight models, a tiny model directory, the embedded models."""
+"""Shared fixtures: tiny random-weight models, a tiny model directory, the embedded models, and
+atlases (`fresh_atlas`: empty; `seeded_atlas`: two models with rows, see tests/seed.py)."""
 
 from __future__ import annotations
 
@@ -52,3 +53,22 @@ def ray_session():
                  log_to_driver=False, ignore_reinit_error=True)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def fresh_atlas(tmp_path: Path) -> Path:
+    """An empty atlas file, created by the real writer (schema, views, thresholds)."""
+    from atlas.store import Atlas
+
+    db = tmp_path / "atlas.duckdb"
+    Atlas.writer(db).close()
+    return db
+
+
+@pytest.fixture
+def seeded_atlas(fresh_atlas: Path) -> Path:
+    """An atlas with two models and a patterns run each (tests/seed.py: ALPHA, BETA, METRICS), written
+    through write_shard + ingest with RunRecord, as a build writes it."""
+    from tests.seed import seed
+
+    return seed(fresh_atlas)

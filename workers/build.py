@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from atlas.errors import Busy
+from atlas.records import RunRecord
 from atlas.status import lock_path, shard_root, write_status
 from atlas.store import Atlas
 from workers.families import get_family
 from workers.models import ModelSource, pick_device, resolve
 from workers.plan import Unit, plan
-from workers.unit import UnitResult, code_version
+from workers.unit import UnitResult
 
 __all__ = ["BuildReport", "build", "build_lock", "shard_root"]
 
@@ -191,18 +192,16 @@ def _ingest(writer: Writer, unit: Unit, result: UnitResult, report: BuildReport)
             report.seconds += result.seconds
             report.tokens += result.tokens
             return
-        run = result.run or _failed_run(unit, result.error)
+        run = RunRecord.from_row(result.run) if result.run else _failed_run(unit, result.error)
         atlas.record_failure(run, result.model)
         report.failed[result.run_id] = result.error or "unknown error"
 
 
-def _failed_run(unit: Unit, error: str | None) -> dict[str, Any]:
-    """A run row for a unit whose worker died before it could report."""
-    now = datetime.now(UTC).isoformat()
-    return {"run_id": unit.run_id, "model_key": unit.source.key, "family": unit.family,
-            "family_version": unit.family_version, "probe_set": unit.probe_set, "config": unit.config,
-            "config_hash": unit.config_hash, "code_version": code_version(), "status": "failed",
-            "error": error, "started_at": now, "finished_at": now, "seconds": 0.0, "tokens": 0}
+def _failed_run(unit: Unit, error: str | None) -> RunRecord:
+    """The run of a unit whose worker died before it could report."""
+    return RunRecord.ended(run_id=unit.run_id, model_key=unit.source.key, family=unit.family,
+                           family_version=unit.family_version, probe_set=unit.probe_set, config=unit.config,
+                           config_hash=unit.config_hash, status="failed", error=error, seconds=0.0, tokens=0)
 
 
 def _executor(kind: str, address: str | None, device: str, load_options: dict[str, Any], replicas: int,

@@ -19,6 +19,7 @@ import httpx
 
 from atlas.shards import write_shard
 from atlas.store import Atlas
+from tests.seed import run_record
 
 
 def build_tiny_atlas(db: Path, model_dirs: list[Path]) -> None:
@@ -40,18 +41,16 @@ def add_concept_run(db: Path, concepts: tuple[str, ...] = ("colors", "numbers"),
         models = atlas.execute("SELECT * FROM models").to_pylist()
         for m in models:
             run_id = f"fixture-concepts-{m['model_key'][:40]}-{seed}"
-            now = datetime.now(UTC).isoformat()
-            run = {"run_id": run_id, "model_key": m["model_key"], "family": "fixture", "family_version": 1,
-                   "probe_set": "seeded-random", "config": {"seed": seed}, "config_hash": str(seed),
-                   "code_version": "test", "device": "cpu", "tokens": 0, "seconds": 0.0, "status": "complete",
-                   "error": None, "started_at": now, "finished_at": now}
+            run = run_record(run_id, m["model_key"], "fixture", datetime.now(UTC).isoformat(),
+                             probe_set="seeded-random", config={"seed": seed}, config_hash=str(seed), device="cpu",
+                             tokens=0, seconds=0.0)
             scores = []
             for concept in concepts:
                 values = [(rng.random(), layer, head) for layer in range(m["n_layers"])
                           for head in range(m["n_heads"])]
                 for rank, (score, layer, head) in enumerate(sorted(values, reverse=True), start=1):
-                    scores.append({"run_id": run_id, "model_key": m["model_key"], "layer": layer,
-                                   "head": head, "concept": concept, "score": score, "rank": rank})
+                    scores.append({"layer": layer, "head": head, "concept": concept, "score": score,
+                                   "rank": rank})
             words = [{"name": c, "words": f'["{c}-a", "{c}-b"]', "source": "test"} for c in concepts]
             model = {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in m.items()}
             shard = write_shard(db.with_name(db.stem + "_fixture_shards"), run, model,

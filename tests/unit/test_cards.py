@@ -15,6 +15,7 @@ from atlas.lens_queries import rank_promoters, variants
 from atlas.shards import write_shard
 from atlas.store import Atlas
 from cli.main import app
+from tests.seed import run_record
 from workers.plan import plan
 from workers.unit import run_unit
 
@@ -28,19 +29,15 @@ def atlas_db(tiny_lm, tmp_path_factory: pytest.TempPathFactory) -> Path:
     units = plan([tiny_lm.source], ["lens"], {"lens_windows": 3, "lens_window": 16}, "float32")
     result = run_unit(tiny_lm, units[0], db.with_name("shards"))
     assert result.ok, result.error
-    now = datetime.now(UTC).isoformat()
-    key = {"run_id": "other-1", "model_key": tiny_lm.source.key}
-    run = {**key, "family": "other", "family_version": 1, "probe_set": "x", "config": {}, "config_hash": "x",
-           "code_version": "0", "device": "cpu", "tokens": 0, "seconds": 0.0, "status": "complete",
-           "error": None, "started_at": now, "finished_at": now}
+    run = run_record("other-1", tiny_lm.source.key, "other", datetime.now(UTC).isoformat(), probe_set="x",
+                     device="cpu", tokens=0, seconds=0.0)
     a = tiny_lm.adapter
     other = write_shard(db.with_name("shards"), run, tiny_lm.models_row(), {
-        "head_metrics": [{**key, "layer": layer, "head": head, "metric": "other.score",
-                          "value": float(layer * 10 + head), "n": 1, "stderr": None}
-                         for layer in range(a.n_layers) for head in range(a.n_heads)],
-        "head_tokens": [{**key, "layer": 1, "head": 2, "kind": "pursuit", "rank": 1, "token_id": 7,
-                         "token_text": "w4", "score": 0.5}],
-        "concept_scores": [{**key, "layer": 1, "head": 2, "concept": "numbers", "score": 0.25, "rank": 3}]})
+        "head_metrics": [{"layer": layer, "head": head, "metric": "other.score", "value": float(layer * 10 + head),
+                          "n": 1, "stderr": None} for layer in range(a.n_layers) for head in range(a.n_heads)],
+        "head_tokens": [{"layer": 1, "head": 2, "kind": "pursuit", "rank": 1, "token_id": 7, "token_text": "w4",
+                         "score": 0.5}],
+        "concept_scores": [{"layer": 1, "head": 2, "concept": "numbers", "score": 0.25, "rank": 3}]})
     with Atlas.writer(db) as atlas:
         atlas.ingest(result.shard)
         atlas.ingest(other)

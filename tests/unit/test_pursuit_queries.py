@@ -9,43 +9,37 @@ import pytest
 
 from atlas.concepts import concept_across_models, concept_heads, known_concepts, top_heads, verification
 from atlas.errors import NotFound
-from atlas.shards import write_shard
 from atlas.store import Atlas
+from tests.seed import ingest, model_row, run_record
 
 
 def _model(key: str, alias: str) -> dict:
-    return {"model_key": key, "alias": alias, "source": alias, "format": "safetensors", "dtype": "float32",
-            "architecture": "LlamaForCausalLM", "n_layers": 3, "n_heads": 4, "n_kv_heads": 2, "d_model": 32,
-            "d_head": 8, "vocab_size": 96}
+    return model_row(key, alias, n_layers=3, n_heads=4, n_kv_heads=2)
 
 
-def _shard(root: Path, run_id: str, model: dict, finished: str, best: tuple[int, int], mass: float) -> Path:
-    run = {"run_id": run_id, "model_key": model["model_key"], "family": "pursuit", "family_version": 1,
-           "probe_set": "concepts:colors", "config": {"criterion": "l1"}, "config_hash": run_id,
-           "code_version": "0", "status": "complete", "started_at": finished, "finished_at": finished}
-    key = {"run_id": run_id, "model_key": model["model_key"]}
+def _ingest(db: Path, run_id: str, model: dict, finished: str, best: tuple[int, int], mass: float) -> None:
+    run = run_record(run_id, model["model_key"], "pursuit", finished, probe_set="concepts:colors",
+                     config={"criterion": "l1"})
     heads = [(layer, head) for layer in range(3) for head in range(4)]
     heads.sort(key=lambda h: (h != best, h))
-    scores = [{**key, "layer": lay, "head": h, "concept": "colors", "score": 0.9 - 0.05 * i, "rank": i + 1}
+    scores = [{"layer": lay, "head": h, "concept": "colors", "score": 0.9 - 0.05 * i, "rank": i + 1}
               for i, (lay, h) in enumerate(heads)]
-    edits = [{**key, "edit_id": f"colors:k=1:alpha=-1:{sel}:concept_mass", "concept": "colors", "k": 1,
+    edits = [{"edit_id": f"colors:k=1:alpha=-1:{sel}:concept_mass", "concept": "colors", "k": 1,
               "alpha": -1.0, "selection": sel, "heads": [list(best)], "metric": "concept_mass",
               "before": 0.5, "after": after}
              for sel, after in [("pursuit", mass), ("logit-lens", 0.45)] + [(f"random-{i}", 0.48 + i / 100)
                                                                              for i in range(10)]]
-    return write_shard(root, run, model, {"concept_scores": scores, "edits": edits,
-                                          "concepts": [{"name": "colors", "words": ["red"], "source": "builtin"}]})
+    ingest(db, run, model, {"concept_scores": scores, "edits": edits,
+                            "concepts": [{"name": "colors", "words": ["red"], "source": "builtin"}]})
 
 
 @pytest.fixture()
-def atlas_path(tmp_path: Path) -> Path:
-    db = tmp_path / "a.duckdb"
+def atlas_path(fresh_atlas: Path) -> Path:
     a, b = _model("a@1:safetensors", "alpha"), _model("b@1:safetensors", "beta")
-    with Atlas.writer(db) as atlas:
-        atlas.ingest(_shard(tmp_path / "s", "old", a, "2026-01-01T00:00:00+00:00", (0, 0), 0.49))
-        atlas.ingest(_shard(tmp_path / "s", "new", a, "2026-02-01T00:00:00+00:00", (2, 3), 0.1))
-        atlas.ingest(_shard(tmp_path / "s", "other", b, "2026-01-15T00:00:00+00:00", (1, 1), 0.6))
-    return db
+    _ingest(fresh_atlas, "old", a, "2026-01-01T00:00:00+00:00", (0, 0), 0.49)
+    _ingest(fresh_atlas, "new", a, "2026-02-01T00:00:00+00:00", (2, 3), 0.1)
+    _ingest(fresh_atlas, "other", b, "2026-01-15T00:00:00+00:00", (1, 1), 0.6)
+    return fresh_atlas
 
 
 def test_concept_heads_use_the_latest_run_per_model(atlas_path: Path) -> None:

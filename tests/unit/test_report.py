@@ -12,8 +12,8 @@ import pytest
 
 from atlas.errors import BadInput, NotFound
 from atlas.report import compare, figures, parse_thresholds, render_html, summary, write_report
-from atlas.shards import write_shard
 from atlas.store import Atlas
+from tests.seed import ingest, run_record
 
 
 def build_tiny_atlas(root: Path) -> Path:
@@ -38,17 +38,11 @@ def add_rows(db: Path, model_key: str, family: str, tables: dict[str, list[dict[
              finished: str | None = None) -> str:
     """Ingest extra rows through the real shard + ingest path (for tables no built family writes yet)."""
     run_id = f"{family}-{abs(hash((model_key, family, finished))) % 10**8:08d}"
-    finished = finished or datetime.now(UTC).isoformat()
     with Atlas(db) as atlas:
         model = atlas.execute("SELECT * EXCLUDE (added_at) FROM models WHERE model_key = ?", [model_key]).to_pylist()[0]
-    run = {"run_id": run_id, "model_key": model_key, "family": family, "family_version": 1, "probe_set": "test",
-           "config": {"corpus_id": "c0ffee"}, "config_hash": "h", "code_version": "0", "status": "complete",
-           "started_at": finished, "finished_at": finished}
-    key = {"run_id": run_id, "model_key": model_key}
-    rows = {name: [{**key, **r} if name != "concepts" else r for r in rs] for name, rs in tables.items()}
-    shard = write_shard(db.parent / "extra_shards", run, model, rows)
-    with Atlas.writer(db) as atlas:
-        atlas.ingest(shard)
+    run = run_record(run_id, model_key, family, finished or datetime.now(UTC).isoformat(),
+                     config={"corpus_id": "c0ffee"}, code_version="0")
+    ingest(db, run, model, tables, db.parent / "extra_shards")
     return run_id
 
 

@@ -268,13 +268,13 @@ def train_lenses(model: str, db: str | Path, *, layers: str | None = None, steps
 
     Everything that can be wrong with the input fails before the atlas or the lens files are touched.
     """
+    from atlas.records import RunRecord
     from atlas.shards import write_shard
     from atlas.store import Atlas
     from workers.build import build_lock, shard_root
     from workers.corpora import load_corpus
     from workers.models import load, resolve
     from workers.plan import stable_hash
-    from workers.unit import code_version
 
     say = progress or (lambda message: None)
     if steps < 1 or positions < 1 or docs < 2 or window < 8:
@@ -316,20 +316,16 @@ def train_lenses(model: str, db: str | Path, *, layers: str | None = None, steps
         tables = _tables(results, baseline, folder)
         trained_positions = sum(r.positions for r in results)
         train_s = sum(r.seconds for r in results)
-        run = {"run_id": run_id, "model_key": source.key, "family": "lens_trained", "family_version": LENS_VERSION,
-               "probe_set": f"corpus:{text.corpus_id}:docs={len(all_docs)}:window={window}",
-               "config": {**run_config, "weights": str(folder), "held_out_positions": len(held.final),
-                          "train_positions": len(train.final)},
-               "config_hash": stable_hash(run_config), "code_version": code_version(), "device": lm.device,
-               "tokens": train.tokens + held.tokens, "seconds": seconds, "status": "complete", "error": None,
-               "started_at": started.isoformat(),
-               "finished_at": datetime.now(UTC).isoformat()}
+        run = RunRecord.ended(run_id=run_id, model_key=source.key, family="lens_trained",
+                              family_version=LENS_VERSION,
+                              probe_set=f"corpus:{text.corpus_id}:docs={len(all_docs)}:window={window}",
+                              config={**run_config, "weights": str(folder), "held_out_positions": len(held.final),
+                                      "train_positions": len(train.final)},
+                              config_hash=stable_hash(run_config), device=lm.device,
+                              tokens=train.tokens + held.tokens, seconds=seconds, started=started)
         tables["run_metrics"].append({"metric": "lens_trained.positions_per_s",
                                       "value": trained_positions / train_s if train_s else None,
-                                      "detail": json.dumps({"positions": trained_positions, "seconds": train_s})})
-        key = {"run_id": run_id, "model_key": source.key}
-        tables = {name: [{**key, **row} if name != "run_metrics" else {"run_id": run_id, **row} for row in rows]
-                  for name, rows in tables.items()}
+                                      "detail": {"positions": trained_positions, "seconds": train_s}})
         shard = write_shard(shard_root(db), run, lm.models_row(), tables)
         with Atlas.writer(db) as atlas:
             atlas.ingest(shard)
@@ -353,10 +349,10 @@ def _tables(results: list[LayerResult], baseline: float, folder: Path) -> dict[s
     per_layer = {str(r.layer): {"before": sum(r.kl_before) / len(r.kl_before),
                                 "after": sum(r.kl_after) / len(r.kl_after)} for r in results}
     run_metrics.append({"metric": "lens_trained.kl_before", "value": sum(before) / len(before),
-                        "detail": json.dumps({"per_layer": {k: v["before"] for k, v in per_layer.items()}})})
+                        "detail": {"per_layer": {k: v["before"] for k, v in per_layer.items()}}})
     run_metrics.append({"metric": "lens_trained.kl_after", "value": sum(after) / len(after),
-                        "detail": json.dumps({"per_layer": {k: v["after"] for k, v in per_layer.items()},
-                                              "weights": str(folder)})})
+                        "detail": {"per_layer": {k: v["after"] for k, v in per_layer.items()},
+                                   "weights": str(folder)}})
     run_metrics.append({"metric": "lens_trained.kl_mean_output_baseline", "value": baseline,
-                        "detail": json.dumps({"what": "KL to the mean training output distribution"})})
+                        "detail": {"what": "KL to the mean training output distribution"}})
     return {"head_metrics": metrics, "head_tokens": tokens, "run_metrics": run_metrics}
