@@ -105,6 +105,8 @@ class Client:
 
     # -- builds ---------------------------------------------------------------------------
     def submit_build(self, models: list[str], families: list[str] | None = None, **options: Any) -> dict[str, Any]:
+        """POST /api/builds; `options` are BuildRequest's other fields (atlas/records.py): seed, corpus,
+        criterion, verify, ..., and `options={"n_random": 3}` for any other family option."""
         return self._call("POST", "/api/builds", json={"models": models, "families": families or ["all"],
                                                        **options})
 

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import duckdb
 import pyarrow as pa
@@ -42,6 +42,7 @@ from atlas.pages.data import (
     rows,
 )
 from atlas.pages.views import add_pages, render
+from atlas.records import BuildRequest
 from atlas.sql_guard import TooLarge, check_read_only, fetch_bounded, json_safe_relation
 
 __all__ = ["AtlasService", "BuildRequest", "TimedOut", "TooLarge", "TooMany", "create_app", "status_of"]
@@ -54,21 +55,6 @@ DEFAULT_MAX_SQL = 4  # user SQL queries running at once; head cards and pages ar
 log = logging.getLogger("atlas.server")
 
 
-class BuildRequest(BaseModel):
-    """What `POST /api/builds` takes: the options of `atlas build`, nothing the server decides."""
-
-    model_config = ConfigDict(extra="forbid")
-    models: list[str] = Field(min_length=1, max_length=16, description="Aliases, repo ids, directories or .gguf")
-    families: list[str] = Field(default_factory=lambda: ["all"], min_length=1, max_length=32)
-    seed: int = Field(default=0, ge=0, le=2**32 - 1)
-    corpus: str | None = Field(default=None, max_length=4096)
-    text_field: str = Field(default="text", max_length=256)
-    concepts: list[str] | None = Field(default=None, max_length=64)
-    ablation: Literal["zero", "mean", "resample"] = "mean"
-    method: Literal["exact", "atp", "both"] = "both"
-    max_context: int | None = Field(default=None, gt=0, le=1 << 20)
-
-
 class SqlRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     sql: str = Field(min_length=1, max_length=20_000)
@@ -77,7 +63,8 @@ class SqlRequest(BaseModel):
 
 
 class Builder(Protocol):
-    """Injected by the CLI: checks a request (raising AtlasError, writing nothing) and runs it."""
+    """Injected by the CLI: checks a request (a BuildRequest's fields; raising AtlasError, writing
+    nothing) and runs it."""
 
     def validate(self, request: dict[str, Any]) -> dict[str, Any]: ...
 
@@ -230,8 +217,9 @@ class AtlasService:
         if self.builder is None:
             raise BadInput("this server takes no builds", "start it with `atlas serve` (the CLI wires builds in)")
         with self._slot(self._check_slots, "build checks at once"):
-            # only what the client set: a family that reads no `ablation` must not see its default
-            checked = self.builder.validate(request.model_dump(exclude_unset=True))  # raises before queueing
+            # only what the client set (unset fields are None): a family that reads no `ablation` must
+            # not see one; the builder plans it (every option through the one validator) before queueing
+            checked = self.builder.validate(request.model_dump(exclude_none=True))
         state = BuildState(id=uuid.uuid4().hex[:12], request=checked)
         self.builds[state.id] = state
         self._queue.put(state)

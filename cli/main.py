@@ -45,21 +45,20 @@ def build(
 
     Example: atlas build --model llama --model gemma --families patterns,lens --corpus a.txt --corpus b.jsonl
     """
-    from cli.sweep import run_and_report
-    from workers.families import FAMILIES
+    from cli.sweep import build_request, run_and_report
 
-    names = list(FAMILIES) if families == "all" else [f.strip() for f in families.split(",") if f.strip()]
-    extra = _key_values(option or [])
-    options = _options(seed=seed, corpus=corpus or None, text_field=text_field, concepts=concepts,
-                       ablation=ablation, method=method, max_context=max_context, criterion=criterion,
-                       verify=verify, **extra)
-    run_and_report(model, names, db, options, as_json, device=device, address=address, executor=executor,
+    request = build_request({"models": model, "families": families, "seed": seed, "corpus": corpus or None,
+                             "text_field": text_field, "concepts": concepts, "criterion": criterion,
+                             "verify": verify, "ablation": ablation, "method": method, "max_context": max_context,
+                             "options": _key_values(option or [])}, "atlas build")
+    run_and_report([request], db, as_json, device=device, address=address, executor=executor,
                    load_options={"trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle},
                    replicas=replicas, gpus_per_actor=gpus_per_actor)
 
 
 def _key_values(pairs: list[str]) -> dict[str, Any]:
-    """KEY=VALUE strings to options; a VALUE that parses as JSON (10, 0.5, [0.01, 0.05]) is taken as such."""
+    """KEY=VALUE strings to options; a VALUE that parses as JSON (10, 0.5, [0.01, 0.05]) is taken as such.
+    The names and values are checked with every other option, by workers.options.validate."""
     import json
 
     out: dict[str, Any] = {}
@@ -72,12 +71,6 @@ def _key_values(pairs: list[str]) -> dict[str, Any]:
         except ValueError:
             out[key.strip()] = raw
     return out
-
-
-def _options(**given: Any) -> dict[str, Any]:
-    """Family options from the command line; workers.options checks them all (names, types, ranges)
-    before anything is planned, whichever door they come through."""
-    return {key: value for key, value in given.items() if value is not None}
 
 
 @app.command()

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
+from atlas.records import BuildRequest
 from cli.app import DEFAULT_DB, DbOption, app, reports_errors
 from cli.output import stderr
 
@@ -25,15 +26,6 @@ class WorkerBuilder:
                  data_dirs: Sequence[Path] = ()) -> None:
         self.db, self.executor, self.address, self.device = db, executor, address, device
         self.data_dirs = [Path(d) for d in data_dirs]
-
-    @staticmethod
-    def options(request: dict[str, Any]) -> dict[str, Any]:
-        concepts = request.get("concepts")
-        given = {"seed": request.get("seed", 0), "corpus": request.get("corpus"),
-                 "text_field": request.get("text_field", "text"),
-                 "concepts": ",".join(concepts) if concepts else None, "ablation": request.get("ablation"),
-                 "method": request.get("method"), "max_context": request.get("max_context")}
-        return {key: value for key, value in given.items() if value is not None}
 
     def _corpus(self, spec: str | None) -> str | None:
         """The corpus as the workers will name it: the file's real path, or `hf:` + a dataset id."""
@@ -63,36 +55,61 @@ class WorkerBuilder:
         return spec if path is None else (f"{name}={path}" if name else str(path))
 
     def validate(self, request: dict[str, Any]) -> dict[str, Any]:
-        """Resolve models and families and run every family's config(): bad input raises here,
-        before the build is queued and before anything is written."""
-        from workers.families import FAMILIES, get_family
+        """Resolve models, families and files, and plan the build: every option goes through the one
+        validator (workers.plan.plan -> workers.options.validate), as on the CLI and in sweep files.
+        Bad input raises here, before the build is queued and before anything is written."""
+        from workers.build import plan_build
         from workers.models import resolve
-        from workers.plan import plan
+        from workers.plan import family_names
         from workers.user_files import only_under
 
-        asked = request.get("families") or ["all"]
-        families = list(FAMILIES) if asked == ["all"] else asked
-        for name in families:
-            get_family(name)
+        asked = _request(request)
+        families = family_names(asked.families)
         with only_under(self.data_dirs):
-            checked = {**request, "families": families, "corpus": self._corpus(request.get("corpus"))}
-            if request.get("concepts"):
-                checked["concepts"] = [self._concept(c) for c in request["concepts"]]
-            sources = [resolve(spec) for spec in request["models"]]
-            units = plan(sources, families, self.options(checked), "float32")
-        return {**checked, "units": len(units)}
+            # Files are named by real path, found under the data dirs only, whether the request names
+            # them as fields or in `options`: they move to their fields.
+            merged = asked.family_options()  # one option given twice, differently, is refused here
+            corpus, concepts = merged.get("corpus"), merged.get("concepts")
+            if isinstance(corpus, list):
+                corpus = [self._corpus(c) if isinstance(c, str) else c for c in corpus]
+            elif isinstance(corpus, str):
+                corpus = self._corpus(corpus)
+            if isinstance(concepts, str):
+                concepts = [c for c in concepts.split(",") if c.strip()]
+            if isinstance(concepts, list):
+                concepts = [self._concept(c) if isinstance(c, str) else c for c in concepts]
+            options = {k: v for k, v in asked.options.items() if k not in ("corpus", "concepts")}
+            checked = asked.model_copy(update={"families": families, "corpus": corpus, "concepts": concepts,
+                                               "options": options})
+            sources = [resolve(spec) for spec in checked.models]
+            units = plan_build(checked.models, families, checked.family_options(), "cpu", None, sources)
+        return {**checked.model_dump(exclude_none=True), "units": len(units)}
 
     def run(self, request: dict[str, Any], open_writer: Any, progress: Any) -> dict[str, Any]:
         from workers.build import build
         from workers.user_files import only_under
 
+        checked = _request(request)
         with only_under(self.data_dirs):
-            report = build(request["models"], request["families"], self.db, device=self.device,
-                           address=self.address, executor=self.executor, options=self.options(request),
+            report = build(checked.models, checked.families, self.db, device=self.device,
+                           address=self.address, executor=self.executor, options=checked.family_options(),
                            progress=progress, open_writer=open_writer, take_lock=False)
         return {"planned": report.planned, "skipped": report.skipped, "completed": len(report.completed),
                 "failed": report.failed, "rows": report.rows, "tokens": report.tokens,
                 "seconds": round(report.seconds, 2)}
+
+
+def _request(request: dict[str, Any]) -> BuildRequest:
+    """The request as the server took it (a checked request also carries its unit count)."""
+    from pydantic import ValidationError
+
+    from atlas.errors import BadInput
+
+    try:
+        return BuildRequest.model_validate({k: v for k, v in request.items() if k in BuildRequest.model_fields})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise BadInput(f"not a build request: {problems}", "see POST /api/builds in /openapi.json") from None
 
 
 def is_loopback(host: str) -> bool:

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from atlas.errors import BadInput, NotFound
+from atlas.records import BuildRequest
 from cli.app import DEFAULT_DB, DbOption, FormatOption, JsonFlag, app, output_format, reports_errors
 from cli.output import Format, emit, emit_json, stderr
 
@@ -54,8 +55,10 @@ class BuildProgress:
         if not self.live:
             self._plain(event, payload)
             return
-        if event == "plan":
-            self.bar.update(self.task, total=payload["todo"], description=f"units ({payload['skipped']} done before)")
+        if event == "plan":  # a sweep of several builds plans each in turn
+            self.done = 0
+            self.bar.update(self.task, total=payload["todo"], completed=0,
+                            description=f"units ({payload['skipped']} done before)")
         elif event == "start":
             self.bar.update(self.task, description=f"running {payload.family} on {payload.source.alias or 'model'}")
         elif event == "unit":
@@ -67,7 +70,7 @@ class BuildProgress:
 
     def _plain(self, event: str, payload: Any) -> None:
         if event == "plan":
-            self.total = payload["todo"]
+            self.total, self.done = payload["todo"], 0
             self._line(f"{payload['planned']} units planned, {payload['skipped']} already done, "
                        f"{payload['todo']} to run" + ("; loading the model" if payload["todo"] else ""))
         elif event == "start":
@@ -88,13 +91,51 @@ class BuildProgress:
             self.bar.stop()
 
 
-def run_and_report(models: list[str], families: list[str], db: Path, options: dict[str, Any], as_json: bool,
-                   **build_kwargs: Any) -> None:
-    from workers.build import build
+def checked_builds(requests: list[BuildRequest], labels: list[str], device: str,
+                   address: str | None) -> list[tuple[BuildRequest, list[str], list[Any]]]:
+    """Plan every request before any of them runs: models resolved, families known, and every family
+    option checked by the one validator (workers.plan.plan -> workers.options.validate). A problem
+    raises, naming the request by its label (a sweep-file entry), and nothing is written."""
+    from atlas.errors import AtlasError
+    from workers.build import plan_build
+    from workers.models import resolve
+    from workers.plan import family_names
 
+    checked = []
+    for request, label in zip(requests, labels, strict=True):
+        try:
+            families = family_names(request.families)
+            sources = [resolve(spec) for spec in request.models]
+            plan_build(request.models, families, request.family_options(), device, address, sources)
+        except AtlasError as exc:
+            if not label:
+                raise
+            raise type(exc)(f"{label}: {exc.message}", exc.hint) from None
+        checked.append((request, families, sources))
+    return checked
+
+
+def run_and_report(requests: list[BuildRequest], db: Path, as_json: bool, *, device: str = "auto",
+                   address: str | None = None, labels: list[str] | None = None, **build_kwargs: Any) -> None:
+    """Check every request, then build them in turn into `db`, with progress on stderr and one summary."""
+    from workers.build import BuildReport, build
+
+    total = BuildReport()
     # Ray's driver prints worker events (a restarted actor, say) to stdout; stdout is for data only.
     with BuildProgress() as progress, contextlib.redirect_stdout(sys.stderr):
-        report = build(models, families, db, options=options, progress=progress, **build_kwargs)
+        checked = checked_builds(requests, labels or [""] * len(requests), device, address)
+        for request, families, sources in checked:
+            report = build(request.models, families, db, options=request.family_options(), progress=progress,
+                           device=device, address=address, sources=sources, **build_kwargs)
+            total.planned += report.planned
+            total.skipped += report.skipped
+            total.replayed += report.replayed
+            total.completed += report.completed
+            total.failed.update(report.failed)
+            total.rows += report.rows
+            total.tokens += report.tokens
+            total.seconds += report.seconds
+    report = total
     summary = {"db": str(db), "planned": report.planned, "skipped": report.skipped, "replayed": report.replayed,
                "completed": len(report.completed), "failed": report.failed, "rows": report.rows,
                "tokens": report.tokens, "seconds": round(report.seconds, 2)}
@@ -111,6 +152,18 @@ def run_and_report(models: list[str], families: list[str], db: Path, options: di
         raise typer.Exit(1)
 
 
+def build_request(fields: dict[str, Any], where: str) -> BuildRequest:
+    """A BuildRequest from the CLI's flags or a sweep-file entry; BadInput naming `where` and each problem."""
+    try:
+        return BuildRequest.model_validate(fields)
+    except ValidationError as exc:
+        raise BadInput(f"{where}: {_problems(exc)}", "see `atlas build --help` and docs/options.md") from None
+
+
+def _problems(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in exc.errors())
+
+
 class RaySettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     address: str | None = None
@@ -119,17 +172,42 @@ class RaySettings(BaseModel):
 
 
 class SweepFile(BaseModel):
-    """The sweep file: every field has the meaning of the `atlas build` option of the same name."""
+    """A sweep file: where the builds run (db, device, executor, ray), and what they are. One build
+    is written with BuildRequest's fields at the top level (models, families, corpora or corpus,
+    options, seed, criterion, ...: each means what the `atlas build` option of that name means);
+    several under `builds:`, a list of such entries."""
 
     model_config = ConfigDict(extra="forbid")
-    models: list[str]
-    families: list[str] | str = "all"
-    corpora: list[str] = []
     db: str | None = None
     device: str = "auto"
     executor: str = "ray"
-    options: dict[str, Any] = {}
     ray: RaySettings = RaySettings()
+    builds: list[BuildRequest]
+    labels: list[str] = []  # how messages name each entry: the file, or the file and entry number
+
+    @property
+    def models(self) -> list[str]:
+        """Every model the sweep builds, in order, each once."""
+        return list(dict.fromkeys(m for request in self.builds for m in request.models))
+
+
+SWEEP_KEYS = ("db", "device", "executor", "ray")
+
+
+def _entry(raw: Any, where: str) -> BuildRequest:
+    """One sweep entry: BuildRequest's fields; `corpora:` (a list, [] for the embedded corpus) as
+    older sweep files write `corpus:`."""
+    if not isinstance(raw, dict):
+        raise BadInput(f"{where}: expected a mapping of build fields (models, families, options, ...), "
+                       f"got {type(raw).__name__}", "see the README's sweep.yaml example")
+    fields = dict(raw)
+    if "corpora" in fields:
+        corpora = fields.pop("corpora")
+        if "corpus" in fields:
+            raise BadInput(f"{where}: both corpora and corpus are given", "keep one of them")
+        if corpora:
+            fields["corpus"] = corpora
+    return build_request(fields, where)
 
 
 def load_sweep(path: Path) -> SweepFile:
@@ -138,32 +216,48 @@ def load_sweep(path: Path) -> SweepFile:
     if not path.exists():
         raise NotFound(f"no sweep file at {path}", "see the README's sweep.yaml example")
     try:
-        return SweepFile.model_validate(yaml.safe_load(read_text(path, "sweep file")) or {})
+        raw = yaml.safe_load(read_text(path, "sweep file")) or {}
     except yaml.YAMLError as exc:
         raise BadInput(f"{path} is not valid YAML: {exc}", "fix the syntax") from exc
+    if not isinstance(raw, dict):
+        raise BadInput(f"{path} is not a valid sweep: expected a mapping at the top", "see the README's sweep.yaml "
+                                                                                    "example")
+    settings = {k: v for k, v in raw.items() if k in SWEEP_KEYS}
+    entry = {k: v for k, v in raw.items() if k not in (*SWEEP_KEYS, "builds")}
+    if "builds" in raw:
+        if entry:
+            raise BadInput(f"{path}: {', '.join(entry)} given at the top and a builds: list too",
+                           "put every build's fields inside its entry under builds:")
+        listed = raw["builds"]
+        if not isinstance(listed, list) or not listed:
+            raise BadInput(f"{path}: builds: must be a non-empty list of builds", "see docs/scale.md")
+        labels = [f"{path} builds entry {i + 1}" for i in range(len(listed))]
+        requests = [_entry(item, label) for item, label in zip(listed, labels, strict=True)]
+    else:
+        labels = [str(path)]
+        requests = [_entry(entry, f"{path} is not a valid sweep")]
+    try:
+        return SweepFile.model_validate({**settings, "builds": requests, "labels": labels})
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise BadInput(f"{path} is not a valid sweep: {problems}", "see the README's sweep.yaml example") from exc
+        raise BadInput(f"{path} is not a valid sweep: {_problems(exc)}", "see the README's sweep.yaml example") from exc
 
 
 @app.command()
 @reports_errors
 def sweep(
-    file: Annotated[Path, typer.Argument(help="A sweep YAML file: models, families, corpora, options, ray.")],
+    file: Annotated[Path, typer.Argument(help="A sweep YAML file: models, families, corpora, options, ray; or a "
+                                              "list of builds.")],
     db: Annotated[Path | None, typer.Option("--db", envvar="ATLAS_DB", help="Overrides the file's db.")] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Run a sweep of many models x families x corpora from a YAML file (resumable).
 
+    Every entry is checked (models, families, option names and values) before any of them runs.
+
     Example: atlas sweep docker/sweep.yaml
     """
-    from workers.families import FAMILIES
-
     spec = load_sweep(file)
-    families = list(FAMILIES) if spec.families == "all" else (
-        spec.families.split(",") if isinstance(spec.families, str) else spec.families)
-    options = {**spec.options, **({"corpus": spec.corpora} if spec.corpora else {})}
-    run_and_report(spec.models, families, Path(db or spec.db or DEFAULT_DB), options, as_json,
+    run_and_report(spec.builds, Path(db or spec.db or DEFAULT_DB), as_json, labels=spec.labels,
                    device=spec.device, address=spec.ray.address, executor=spec.executor,
                    replicas=spec.ray.replicas, gpus_per_actor=spec.ray.gpus_per_actor)
 

@@ -28,8 +28,29 @@ class Unit:
     config_hash: str
 
 
+def family_names(asked: list[str] | str) -> list[str]:
+    """Family names as a build takes them: 'all' (alone) is every registered family, a string is
+    comma-separated; an unknown name raises BadInput."""
+    from workers.families import FAMILIES
+
+    names = [n.strip() for n in asked.split(",")] if isinstance(asked, str) else [n.strip() for n in asked]
+    names = [n for n in names if n]
+    if not names:
+        from atlas.errors import BadInput
+
+        raise BadInput("no families given", f"name some ({', '.join(FAMILIES)}) or 'all'")
+    if names == ["all"]:
+        return list(FAMILIES)
+    for name in names:
+        get_family(name)
+    return names
+
+
 def plan(sources: list[ModelSource], families: list[str], options: dict[str, Any],
          dtype: str) -> list[Unit]:
+    """Every unit of a build. The family options are checked first, by the one validator
+    (workers.options.validate), whichever door they came through: `atlas build` flags and -o,
+    a sweep-file entry, or POST /api/builds; bad input raises BadInput before anything is written."""
     from workers.options import validate
 
     options = validate([get_family(name) for name in families], options)

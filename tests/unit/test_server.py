@@ -128,6 +128,10 @@ def test_concept_ranking_is_the_highest_scores(service: AtlasService) -> None:
 def test_bad_build_requests_queue_nothing(service: AtlasService, data_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(BadInput):
         service.submit(BuildRequest(models=["llama"], families=["no-such-family"]))
+    with pytest.raises(BadInput, match="reads the option 'n_randon'"):  # the one option validator
+        service.submit(BuildRequest(models=["llama"], families=["pursuit"], options={"n_randon": 3}))
+    with pytest.raises(BadInput, match="option 'verify' = 'huge'"):
+        service.submit(BuildRequest(models=["llama"], families=["pursuit"], verify="huge"))
     with pytest.raises(BadInput):  # missing, or outside the data directories: one answer
         service.submit(BuildRequest(models=[str(data_dir / "missing-model")], families=["patterns"]))
     with pytest.raises(BadInput):

@@ -260,6 +260,10 @@ def build_attacks(data_dir: Path, outside: Path) -> list[dict[str, Any]]:
         {"corpus": "../" + outside.parent.name + "/secret.txt"},
         {"corpus": "~/.bashrc"},
         {"corpus": "etc/passwd"},
+        {"corpus": ["corpus.txt", str(outside)]},  # a corpus grid: every corpus is checked
+        {"options": {"corpus": str(outside)}},  # files named in options are checked as the fields are
+        {"options": {"concepts": [f"x={outside}"]}},
+        {"options": {"concepts": f"colors,x={outside}"}},
         {"models": [str(outside.parent)]},
         {"models": ["/etc"]},
         {"models": ["linked"]},
@@ -303,6 +307,42 @@ def test_fifo_and_device_never_block_a_request_thread(http: TestClient, service:
     assert time.monotonic() - t0 < 120
     assert service.builds == {}
     assert_error(submit(http, corpus="/dev/zero", families=["lens"]), 400)
+
+
+def test_builds_take_criterion_verify_and_options(http: TestClient, service: AtlasService, data_dir: Path) -> None:
+    """Issue 18: POST /api/builds could not set criterion, verify or any `-o` option."""
+    response = submit(http, criterion="l2", verify="off", options={"n_random": 3, "readout_atoms": 5,
+                                                                   "corpus": "corpus.txt"})
+    assert response.status_code == 202, response.text
+    request = response.json()["request"]
+    assert (request["criterion"], request["verify"]) == ("l2", "off")
+    assert request["options"] == {"n_random": 3, "readout_atoms": 5}
+    assert request["corpus"] == str((data_dir / "corpus.txt").resolve())  # moved to its field, by real path
+    assert request["families"] == ["pursuit"] and request["units"] == 1
+    deadline = time.monotonic() + 30
+    while service.build(response.json()["id"]).status not in ("complete", "failed"):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    service.builds.clear()
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ({"options": {"n_randon": 3}}, "reads the option 'n_randon'"),
+    ({"verify": "huge"}, "option 'verify' = 'huge' is not one of small, standard, full, off"),
+    ({"options": {"verify": "huge"}}, "option 'verify' = 'huge'"),
+    ({"criterion": "l3"}, "option 'criterion' = 'l3'"),
+    ({"options": {"n_random": -1}}, "option 'n_random' = -1 is out of range"),
+    ({"options": {"readout_atoms": "many"}}, "option 'readout_atoms' = 'many' is not an integer"),
+    ({"seed": 2**40}, "option 'seed'"),
+    ({"verify": "off", "options": {"verify": "full"}}, "option 'verify' is given twice"),
+    ({"families": ["patterns"], "ablation": "mean"}, "reads the option 'ablation'"),
+])
+def test_bad_build_options_are_400_json_and_queue_nothing(http: TestClient, service: AtlasService,
+                                                          body: dict[str, Any], message: str) -> None:
+    """The server's options go through the one validator (workers.options.validate), as the CLI's do."""
+    error = assert_error(submit(http, **body), 400)
+    assert message in error["message"], error
+    assert service.builds == {}
 
 
 def test_allowed_files_resolve_to_real_paths(service: AtlasService, data_dir: Path) -> None:

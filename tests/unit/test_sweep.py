@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from cli.main import app
@@ -39,3 +40,68 @@ def test_sweep_over_two_corpora_and_status(tiny_dir: Path, tmp_path: Path) -> No
     status = json.loads(runner.invoke(app, ["status", "--db", str(db), "--json"]).stdout)
     assert status["counts"]["complete"] == 1 and status["live"] is False
     assert runner.invoke(app, ["status", "--db", str(tmp_path / "never.duckdb")]).exit_code == 3
+
+
+def test_a_sweep_of_several_builds_runs_each(tiny_dir: Path, tmp_path: Path) -> None:
+    """`builds:` lists BuildRequests (the body of POST /api/builds); each runs into the one atlas."""
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(json.dumps({"executor": "local", "builds": [
+        {"models": [str(tiny_dir)], "families": ["patterns"], "options": {"probe_n": 3}},
+        {"models": [str(tiny_dir)], "families": "patterns", "seed": 1, "options": {"probe_n": 4}}]}))
+    db = tmp_path / "s.duckdb"
+    result = runner.invoke(app, ["sweep", str(spec), "--db", str(db), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["planned"] == summary["completed"] == 2 and not summary["failed"]
+
+
+@pytest.mark.parametrize(("builds", "message"), [
+    ([{"models": ["llama"], "families": ["patterns"]},
+      {"models": ["llama"], "families": ["pursuit"], "options": {"n_randon": 3}}],
+     "builds entry 2: no family in this build (pursuit) reads the option 'n_randon'"),
+    ([{"models": ["llama"], "families": ["patterns"]},
+      {"models": ["llama"], "families": ["pursuit"], "verify": "huge"}],
+     "builds entry 2: option 'verify' = 'huge' is not one of small, standard, full, off"),
+    ([{"models": ["llama"], "families": ["pursuit"], "verify": "off", "options": {"verify": "full"}}],
+     "builds entry 1: option 'verify' is given twice"),
+    ([{"models": ["llama"], "familys": ["patterns"]}], "builds entry 1: familys: Extra inputs are not permitted"),
+    ([{"models": ["llama"]}, "patterns"], "builds entry 2: expected a mapping of build fields"),
+    ([], "builds: must be a non-empty list"),
+])
+def test_every_sweep_entry_is_checked_before_any_runs(tiny_dir: Path, tmp_path: Path, builds: list,
+                                                      message: str) -> None:
+    """A typo in the second entry is refused before the first one builds anything."""
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(json.dumps({"executor": "local", "builds": builds}))
+    db = tmp_path / "s.duckdb"
+    result = runner.invoke(app, ["sweep", str(spec), "--db", str(db)])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.stderr.split())
+    assert not db.exists() and not list(tmp_path.glob("s*shards*")) and not list(tmp_path.glob(".s*"))
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"models": ["llama"], "families": ["pursuit"], "options": {"n_randon": 3}}, "reads the option 'n_randon'"),
+    ({"models": ["llama"], "families": ["pursuit"], "criterion": "l3"}, "option 'criterion' = 'l3'"),
+    ({"models": ["llama"], "families": "patterns", "corpora": ["a.txt"], "corpus": "b.txt"},
+     "both corpora and corpus are given"),
+    ({"models": ["llama"], "families": ["patterns"], "builds": [{"models": ["llama"]}]},
+     "models, families given at the top and a builds: list too"),
+])
+def test_a_one_build_sweep_file_is_checked_the_same(tmp_path: Path, fields: dict, message: str) -> None:
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(json.dumps({"executor": "local", **fields}))
+    result = runner.invoke(app, ["sweep", str(spec), "--db", str(tmp_path / "s.duckdb")])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.stderr.split()) and str(spec.name) in result.stderr
+    assert not (tmp_path / "s.duckdb").exists()
+
+
+def test_older_sweep_files_read_as_one_build() -> None:
+    from cli.sweep import load_sweep
+
+    spec = load_sweep(Path(__file__).resolve().parents[2] / "docker" / "sweep.yaml")
+    (request,) = spec.builds
+    assert spec.models == request.models == ["llama", "gemma"]
+    assert request.families == ["all"] and request.corpus is None and request.options == {"seed": 0}
+    assert spec.ray.address == "ray-head:6379" and spec.device == "auto"
