@@ -61,8 +61,9 @@ def _cell(table: str, i: int, column: sa.Column, value: Any) -> Any:
             raise bad("is not an integer")
         if isinstance(value, numbers.Integral):
             return int(value)
-        if math.isfinite(float(value)) and float(value).is_integer():  # 3.0 from a float count: lossless
-            return int(value)
+        number = float(value)
+        if math.isfinite(number) and number.is_integer():  # 3.0 from a float count: lossless
+            return int(number)
         raise bad("is not an integer")
     if isinstance(kind, sa.Double | sa.Float):
         if isinstance(value, bool) or not isinstance(value, numbers.Real):

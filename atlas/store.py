@@ -18,6 +18,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 import sqlalchemy as sa
+from sqlalchemy.sql.compiler import SQLCompiler
 
 from atlas import schema
 from atlas.errors import BadInput, Busy, NotFound, SchemaMismatch
@@ -129,6 +130,7 @@ class Atlas:
         if isinstance(stmt, str):
             return self._arrow(stmt, list(params))
         compiled = stmt.compile(dialect=schema.DIALECT, compile_kwargs={"render_postcompile": True})
+        assert isinstance(compiled, SQLCompiler)  # a statement, not DDL: it has positional parameters
         values = [compiled.params[name] for name in (compiled.positiontup or [])]
         return self._arrow(str(compiled), values)
 
@@ -161,7 +163,8 @@ class Atlas:
             schema.runs.c.run_id.in_(list(run_ids)), schema.runs.c.status == "complete")
         return set(self.execute(stmt).column("run_id").to_pylist())
 
-    def metric_ids(self) -> list[str]:
+    def metric_ids(self) -> list[tuple[str]]:
+        """Rows of one column: every metric id in head_metrics, sorted."""
         return self.con.execute("SELECT DISTINCT metric FROM head_metrics ORDER BY 1").fetchall()
 
     # -- writes ---------------------------------------------------------------------------

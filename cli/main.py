@@ -142,6 +142,7 @@ def heads(
             emit(rank_promoters(atlas, promotes, model, top), output_format(fmt, as_json),
                  title=f"promotes {promotes!r}")
         return
+    assert metric is not None  # exactly one of the three was given
     if server:
         from atlas.client import Client
 

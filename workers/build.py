@@ -81,7 +81,7 @@ GRID_OPTIONS = ("corpus", "seed")  # options that may be lists: the sweep runs e
 
 def expand_grid(options: dict[str, Any]) -> list[dict[str, Any]]:
     """{"corpus": [a, b], "seed": [0, 1]} -> four option dicts, one per combination."""
-    grids = [{}]
+    grids: list[dict[str, Any]] = [{}]
     for key, value in options.items():
         values = value if key in GRID_OPTIONS and isinstance(value, list | tuple) else [value]
         grids = [{**g, key: v} for g in grids for v in (values or [None])]
@@ -186,7 +186,7 @@ def _replay_orphans(todo: list[Unit], root: Path, writer: Writer, report: BuildR
 
 def _ingest(writer: Writer, unit: Unit, result: UnitResult, report: BuildReport) -> None:
     with writer() as atlas:
-        if result.ok:
+        if result.ok and result.shard is not None:
             report.rows += atlas.ingest(result.shard)
             report.completed.append(result.run_id)
             report.seconds += result.seconds

@@ -255,7 +255,8 @@ def parse_layers(spec: str | None, n_layers: int) -> list[int]:
     return out
 
 
-DEFAULTS = {"steps": 100, "lr": 1e-3, "bias_lr": 0.1, "positions": 64, "docs": 40, "window": 64, "seed": 0}
+DEFAULTS: dict[str, Any] = {"steps": 100, "lr": 1e-3, "bias_lr": 0.1, "positions": 64, "docs": 40, "window": 64,
+                            "seed": 0}
 
 
 def train_lenses(model: str, db: str | Path, *, layers: str | None = None, steps: int = DEFAULTS["steps"],
@@ -344,13 +345,13 @@ def _tables(results: list[LayerResult], baseline: float, folder: Path) -> dict[s
             metrics.append({"layer": r.layer, "head": head, "metric": "lens_trained.kl_init", "value": before,
                             "n": 0, "stderr": None})
         tokens += r.readout
-    before = [x for r in results for x in r.kl_before]
-    after = [x for r in results for x in r.kl_after]
+    all_before = [x for r in results for x in r.kl_before]
+    all_after = [x for r in results for x in r.kl_after]
     per_layer = {str(r.layer): {"before": sum(r.kl_before) / len(r.kl_before),
                                 "after": sum(r.kl_after) / len(r.kl_after)} for r in results}
-    run_metrics.append({"metric": "lens_trained.kl_before", "value": sum(before) / len(before),
+    run_metrics.append({"metric": "lens_trained.kl_before", "value": sum(all_before) / len(all_before),
                         "detail": {"per_layer": {k: v["before"] for k, v in per_layer.items()}}})
-    run_metrics.append({"metric": "lens_trained.kl_after", "value": sum(after) / len(after),
+    run_metrics.append({"metric": "lens_trained.kl_after", "value": sum(all_after) / len(all_after),
                         "detail": {"per_layer": {k: v["after"] for k, v in per_layer.items()},
                                    "weights": str(folder)}})
     run_metrics.append({"metric": "lens_trained.kl_mean_output_baseline", "value": baseline,
