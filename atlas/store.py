@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import duckdb
 import pyarrow as pa
@@ -80,7 +80,7 @@ class Atlas:
     def close(self) -> None:
         self.con.close()
 
-    def __enter__(self) -> Atlas:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -119,9 +119,10 @@ def test_family_on_a_tiny_model(tiny_lm, corpus_file, tmp_path) -> None:
     kept = {r["metric"]: r["value"] for r in result.tables["run_metrics"]}["retrieval.tests_kept"]
     assert all(r["n"] == kept for r in rows)
     assert all(r["value"] >= 0.0 for r in rows)
-    from atlas.shards import write_shard  # every table must survive the trip to Parquet
+    from atlas.shards import write_shard  # every table must survive the trip to Parquet, schema-checked
+    from tests.seed import run_record
 
-    write_shard(tmp_path, {"run_id": "r"}, {}, result.tables)
+    write_shard(tmp_path, run_record("r", tiny_lm.source.key, "retrieval"), tiny_lm.models_row(), result.tables)
 
 
 def _needle_test(ids: list[int], span: tuple[int, int]):
