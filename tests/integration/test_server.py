@@ -18,6 +18,7 @@ from tests.integration.test_server_support import add_concept_run, build_tiny_at
 from tests.tiny import save_tiny
 
 ATLAS = [sys.executable, "-c", "from cli.main import main; main()"]
+pytestmark = pytest.mark.slow  # a real `atlas serve` process per module: the slow set, out of `make check`
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -17,7 +17,9 @@ from tests.tiny import save_tiny
 CHROMIUM = Path("/usr/bin/chromium")
 DRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium is not installed (.ci/apt-packages.txt)")
+pytestmark = [pytest.mark.slow,  # a real server process and a browser: the slow set, out of `make check`
+              pytest.mark.skipif(not CHROMIUM.exists(),
+                                 reason="Debian chromium is not installed (.ci/apt-packages.txt)")]
 
 
 @pytest.fixture(scope="module")
