@@ -30,7 +30,8 @@ def build(
                                                        "covariance) (pursuit).")] = None,
     verify: Annotated[str | None, typer.Option(help="Editing check grid: small (default), standard, full "
                                                     "or off (pursuit).")] = None,
-    ablation: Annotated[str | None, typer.Option(help="zero, mean (default) or resample (ablation).")] = None,
+    ablation: Annotated[str | None, typer.Option(help="zero, mean (default), global_mean or resample "
+                                                      "(ablation).")] = None,
     method: Annotated[str | None, typer.Option(help="exact, atp or both (default) (ablation).")] = None,
     max_context: Annotated[int | None, typer.Option(help="Longest haystack in tokens (retrieval).")] = None,
     trust_remote_code: Annotated[bool, typer.Option(help="Allow a repo's own modeling code.")] = False,

@@ -74,7 +74,7 @@ def test_resumed_forward_skips_earlier_blocks(tiny_lm, probes):
 def test_replacements_by_mode(tiny_lm, probes):
     probe = probes[1]  # BOS + X + X, every token real
     z = clean_run(tiny_lm, probe).z
-    mean = replacements("mean", probe, z)[1]
+    mean = replacements("global_mean", probe, z)[1]
     torch.testing.assert_close(mean[0, 1:], z[1][:, 1:].mean((0, 1)).expand_as(mean[0, 1:]))
     torch.testing.assert_close(mean[:, 0], z[1][:, 0])  # position 0 keeps its clean value
     assert replacements("zero", probe, z)[1].abs().max() == 0
@@ -190,3 +190,35 @@ def test_row_buckets_cut_padding_and_cover_every_row():
     whole = Probe("q", torch.zeros(2, 5, dtype=torch.long), torch.arange(4), lambda x: {},
                   torch.ones(2, 5, dtype=torch.bool))
     assert [(rows.tolist(), width) for rows, width in row_buckets(whole)] == [([0, 1], 5)]
+
+
+def test_mean_ablation_is_per_position_on_template_probes(tiny_lm, probes):
+    """IOI takes per-position means over its reference (ABC) distribution; a template probe's position t
+    is one slot in every row, so z at t is replaced by the mean at t, not by one vector for all t."""
+    corpus, induction, ioi = probes[0], probes[1], probes[2]
+    assert induction.aligned and ioi.aligned and not corpus.aligned
+    z = clean_run(tiny_lm, induction).z
+    mean = replacements("mean", induction, z)[1]
+    for t in (1, 5, induction.tokens.shape[1] - 1):
+        torch.testing.assert_close(mean[:, t], z[1][:, t].mean(0).expand_as(mean[:, t]))
+    torch.testing.assert_close(mean[:, 0], z[1][:, 0])
+    assert not torch.allclose(mean, replacements("global_mean", induction, z)[1])
+    clean, counter = clean_run(tiny_lm, ioi).z, counterpart_z(tiny_lm, ioi)  # IOI: over the ABC prompts
+    mean = replacements("mean", ioi, clean, counter)[0]
+    valid = ioi.valid.clone()
+    valid[:, 0] = False
+    for t in range(1, ioi.tokens.shape[1]):
+        rows = valid[:, t]
+        if rows.any():
+            torch.testing.assert_close(mean[:, t], counter[0][rows, t].mean(0).expand_as(mean[:, t]))
+    torch.testing.assert_close(replacements("mean", corpus, clean_run(tiny_lm, corpus).z)[0],
+                               replacements("global_mean", corpus, clean_run(tiny_lm, corpus).z)[0])
+
+
+def test_run_config_says_which_mean_each_probe_got(tiny_lm, small):
+    family = AblationFamily()
+    result = family.run(tiny_lm, family.config({**small, "method": "exact", "concepts": "colors"}))
+    kinds = result.extra_config["mean_ablation"]
+    assert kinds["ioi"] == "per position, over the counterpart prompts"
+    assert kinds["induction"] == "per position, over the probe's sequences"
+    assert kinds["corpus"] == "over the probe's real tokens at positions >= 1"

@@ -43,7 +43,7 @@ def test_docs_option_reference_is_generated_from_the_declarations():
     ({"lens_top_k": float("inf")}, "not an integer"),
     ({"k_fractions": [0.01, float("nan")]}, "not a finite number"),
     ({"k_fractions": []}, "an empty list"),
-    ({"ablation": "half"}, "not one of zero, mean, resample"),
+    ({"ablation": "half"}, "not one of zero, mean, global_mean, resample"),
     ({"probe_m": 3}, "reads the option 'probe_m'"),
 ])
 def test_bad_values_are_refused_with_the_option_named(options: dict[str, Any], message: str):

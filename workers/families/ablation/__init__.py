@@ -34,7 +34,16 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from workers.families.ablation.exact import MODES, Probe, clean_run, counterpart_z, exact_effects, replacements
+from workers.families.ablation.exact import (
+    MODES,
+    Probe,
+    clean_run,
+    counterpart_z,
+    exact_effects,
+    mean_kind,
+    needs_counterpart,
+    replacements,
+)
 from workers.families.base import FamilyResult, head_metric_rows
 from workers.models import LoadedModel
 from workers.options import CONCEPTS, CORPUS, SEED, TEXT_FIELD, Option, resolve
@@ -70,19 +79,19 @@ def induction_probe(lm: LoadedModel, config: dict[str, Any]) -> Probe:
         return {"induction_loss": ce.view(target.shape).mean(1)}
 
     return Probe("induction", tokens, torch.arange(n + 1, 2 * n), metrics,
-                 torch.ones_like(tokens, dtype=torch.bool))
+                 torch.ones_like(tokens, dtype=torch.bool), aligned=True)  # BOS + X + X: aligned slots
 
 
 def _last_token_probe(name: str, tokens: torch.Tensor, last: torch.Tensor, valid: torch.Tensor,
                       per_row: Any, counterpart: torch.Tensor | None = None,
-                      rows: dict[str, torch.Tensor] | None = None) -> Probe:
+                      rows: dict[str, torch.Tensor] | None = None, aligned: bool = False) -> Probe:
     """Right-padded prompts whose metrics read each prompt's last real position (only that one
     position per row goes through the unembedding)."""
 
     def metrics(logits: torch.Tensor) -> dict[str, torch.Tensor]:  # (N, 1, V)
         return per_row(logits[:, 0])  # (N, V) -> {name: (n_i,)}
 
-    return Probe(name, tokens, last, metrics, valid, counterpart, rows or {}, per_row=True)
+    return Probe(name, tokens, last, metrics, valid, counterpart, rows or {}, per_row=True, aligned=aligned)
 
 
 def ioi_probe(lm: LoadedModel, config: dict[str, Any]) -> tuple[Probe, dict[str, Any]]:
@@ -92,7 +101,7 @@ def ioi_probe(lm: LoadedModel, config: dict[str, Any]) -> tuple[Probe, dict[str,
     probe = _last_token_probe("ioi", s.tokens, s.last, s.valid,
                               lambda lg: {"ioi_logit_diff": logit_diff(lg, s.io.to(lg.device),
                                                                        s.s.to(lg.device))},
-                              s.corrupted)
+                              s.corrupted, aligned=True)  # each position one slot of its template, ABC alike
     return probe, s.provenance
 
 
@@ -154,11 +163,14 @@ def _summary(per_seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, 
 
 class AblationFamily:
     name = "ablation"
-    version = 2  # 2: concept effects over each concept's own prompts (n, stderr); AtP concept estimates undiluted
+    version = 3  # 2: concept effects over each concept's own prompts (n, stderr); AtP concept estimates undiluted;
+    # 3: mean ablation per position on the template probes (induction, IOI over its ABC prompts)
     stores = ("head_metrics", "run_metrics")
 
     options = (
-        Option("ablation", "str", "mean", "what replaces a head's z", choices=MODES),
+        Option("ablation", "str", "mean",
+               "what replaces a head's z: zero, mean (per position on the template probes), global_mean, resample",
+               choices=MODES),
         Option("method", "str", "both", "exact ablation, attribution patching, or both (with their agreement)",
                choices=METHODS),
         Option("ablation_window", "int", 64, "tokens per corpus window (loss effect)", min=4, max=131072),
@@ -173,7 +185,10 @@ class AblationFamily:
     # how the metrics are defined: stored with every run (runs.config.definitions), not hashed into its id
     definitions: ClassVar[dict[str, str]] = {
         "node": "z (o_proj input), per head",
-        "mean": "over real tokens at positions >= 1; position 0 keeps its clean value",
+        "mean": ("template probes (induction, IOI): per position, over the reference distribution (IOI's ABC "
+                 "prompts); corpus windows and concept prompts: over real tokens at positions >= 1; "
+                 "position 0 keeps its clean value"),
+        "global_mean": "over real tokens at positions >= 1 on every probe; position 0 keeps its clean value",
         "resample": "corpus/induction: the previous sequence of the batch; ioi: ABC counterpart",
         "atp_qk": "AtP* QK fix; resample: counterpart q/k, zero/mean: q <- 0 (uniform attention)",
     }
@@ -234,7 +249,7 @@ class AblationFamily:
             if method in ("exact", "both"):
                 t0 = time.perf_counter()
                 cache = clean_run(lm, probe)
-                counter = counterpart_z(lm, probe) if mode == "resample" and probe.counterpart is not None else None
+                counter = counterpart_z(lm, probe) if needs_counterpart(mode, probe) else None
                 exact = exact_effects(lm, probe, cache, replacements(mode, probe, cache.z, counter))
                 seconds[f"exact.{probe.name}"] = time.perf_counter() - t0
                 for name, per_seq in exact.items():
@@ -257,6 +272,8 @@ class AblationFamily:
                         run_rows.append({"metric": f"ablation.agreement.top10.{name}",
                                          "value": float(top_overlap(truth, guess)), "detail": detail})
         extra["seconds"] = seconds
+        if mode in ("mean", "global_mean"):  # which mean each probe's metrics were measured against
+            extra["mean_ablation"] = {probe.name: mean_kind(mode, probe) for probe in probes}
         if not config.get("concept_hashes"):
             extra["concepts_left_out"] = "workers.concepts is not available"
         return FamilyResult({"head_metrics": rows, "run_metrics": run_rows}, tokens=tokens, extra_config=extra)

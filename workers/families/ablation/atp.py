@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from workers.families.ablation.exact import Probe
+from workers.families.ablation.exact import Probe, needs_counterpart
 from workers.models import LoadedModel
 
 TAP = "atlas_tap"
@@ -136,7 +136,8 @@ def atp_effects(lm: LoadedModel, probe: Probe, reps_fn: Any, mode: str) -> AtPRe
     """
     a = lm.adapter
     counter_records, counter_z = None, None
-    if mode == "resample" and probe.counterpart is not None:
+    if needs_counterpart(mode, probe):
+        assert probe.counterpart is not None
         ctap = Tap()
         zc: dict[int, torch.Tensor] = {}
         hooks = [a.out_proj(i).register_forward_pre_hook(

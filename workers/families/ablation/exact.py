@@ -10,10 +10,14 @@ reads go through the unembedding (`logits_to_keep`).
 Resuming: workers/hooks.py (`block_inputs`, `resumed_at`).
 
 Replacements (per head, on z = the o_proj input, so GQA-safe; arXiv 2211.00593, 2404.15255):
-zero (z <- 0), mean (z <- mean of z over the probe set's real tokens at positions >= 1; position 0
-keeps its clean value, which is the same in every sequence), resample (z <- z on a counterpart
-sequence: the probe set's own corrupted prompts where it has them, else the next sequence of the
-batch, rolled by one).
+zero (z <- 0); mean: on a template probe whose rows are aligned (induction: BOS + X + X; IOI: every
+position the same slot of its template), z at position t <- the mean of z at t over the reference
+distribution (the probe's own counterparts, IOI's ABC prompts, where it has them, else its sequences),
+as IOI does; on other probes (corpus windows, concept prompts) z <- the mean over the probe's real
+tokens at positions >= 1; global_mean: that position-free mean on every probe (version 2's `mean`).
+Position 0 keeps its clean value under both means (it is the same in every sequence). resample
+(z <- z on a counterpart sequence: the probe set's own corrupted prompts where it has them, else the
+next sequence of the batch, rolled by one).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from torch import nn
 from workers.hooks import block_inputs, edit_z, resumed_at
 from workers.models import LoadedModel
 
-MODES = ("zero", "mean", "resample")
+MODES = ("zero", "mean", "global_mean", "resample")
 Metrics = Callable[[torch.Tensor], dict[str, torch.Tensor]]  # kept logits (B, P, V) -> {name: (B,)}
 
 
@@ -43,6 +47,7 @@ class Probe:
     counterpart: torch.Tensor | None = None  # (B, T) corrupted tokens for resample; None: roll
     rows: dict[str, torch.Tensor] = field(default_factory=dict)  # metric -> the batch rows it reads
     per_row: bool = False  # positions holds one position per row (last-token metrics): logits (B, 1, V)
+    aligned: bool = False  # a template probe: position t is the same slot in every row and counterpart
 
     @property
     def n_positions(self) -> int:
@@ -113,6 +118,22 @@ def counterpart_z(lm: LoadedModel, probe: Probe) -> list[torch.Tensor]:
     return [z[i] for i in range(lm.adapter.n_layers)]
 
 
+def needs_counterpart(mode: str, probe: Probe) -> bool:
+    """Whether the mode reads the probe's counterparts: resample, and mean on an aligned probe (its
+    reference distribution)."""
+    return probe.counterpart is not None and (mode == "resample" or (mode == "mean" and probe.aligned))
+
+
+def mean_kind(mode: str, probe: Probe) -> str | None:
+    """What `mode` averages on this probe, for the run config (None: not a mean mode)."""
+    if mode == "mean" and probe.aligned:
+        return ("per position, over the counterpart prompts" if probe.counterpart is not None
+                else "per position, over the probe's sequences")
+    if mode in ("mean", "global_mean"):
+        return "over the probe's real tokens at positions >= 1"
+    return None
+
+
 def replacements(mode: str, probe: Probe, z: list[torch.Tensor],
                  counter: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """The ablated value of every head's z, per layer (B, T, H, d_head), for one mode."""
@@ -122,7 +143,15 @@ def replacements(mode: str, probe: Probe, z: list[torch.Tensor],
     for layer, zl in enumerate(z):
         if mode == "zero":
             rep = torch.zeros_like(zl)
-        elif mode == "mean":
+        elif mode == "mean" and probe.aligned:
+            reference = counter[layer] if counter is not None else zl
+            w = valid.to(zl.dtype)[..., None, None]  # (B, T, 1, 1)
+            count = w.sum(0)  # (T, 1, 1)
+            overall = (reference * w).sum((0, 1)) / w.sum()  # a position no row reaches: the plain mean
+            per_position = torch.where(count > 0, (reference * w).sum(0) / count.clamp_min(1), overall)
+            rep = per_position.expand_as(zl).clone()
+            rep[:, 0] = zl[:, 0]
+        elif mode in ("mean", "global_mean"):
             w = valid.to(zl.dtype)[..., None, None]  # (B, T, 1, 1)
             mean = (zl * w).sum((0, 1)) / w.sum()  # (H, d_head)
             rep = mean.expand_as(zl).clone()

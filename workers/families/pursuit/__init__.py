@@ -52,8 +52,8 @@ VERIFY_GRIDS = {
     # logit-lens heads, mass on every held-out prompt) with shorter generations and a shorter loss
     # side effect, so that the whole default atlas builds in minutes on a 2-core CPU
     # side effect (corpus loss) at the largest k only, where it is largest
-    "small": {"k_fractions": [0.01, 0.02, 0.05], "alphas": [-1.0], "n_random": 10, "max_new_tokens": 8,
-              "loss_windows": 2, "window": 64, "loss_at": "largest"},
+    "small": {"k_fractions": [0.01, 0.02, 0.05], "alphas": [-1.0], "n_random": 10, "max_new_tokens": 4,
+              "loss_windows": 1, "window": 64, "loss_at": "largest"},
     # standard: issue 4's grid as first measured (12 generated tokens, 4 loss windows)
     "standard": {"k_fractions": [0.01, 0.02, 0.05], "alphas": [-1.0], "n_random": 10, "max_new_tokens": 12,
                  "loss_windows": 4, "window": 64, "loss_at": "every"},

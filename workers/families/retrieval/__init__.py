@@ -237,7 +237,7 @@ class RetrievalFamily:
         Option("retrieval_mask_k", "int", 10, "top retrieval heads masked in the masking check; 0 skips it", min=0,
                max=100_000),
         Option("retrieval_mask_seeds", "int", 2, "random head sets in the masking check", min=0, max=100),
-        Option("retrieval_mask_tests", "int", 10, "needle tests in the masking check; 0 skips it", min=0,
+        Option("retrieval_mask_tests", "int", 6, "needle tests in the masking check; 0 skips it", min=0,
                max=100_000),
         SEED, CORPUS, TEXT_FIELD,
     )
