@@ -71,3 +71,16 @@ def test_masking_top_heads_hurts_more_than_random(retrieval_atlas: Path, llama_l
     print(f"needle ROUGE-1 on {len(solved)} solved tests: {result}")
     assert result["top"] < min(result["random_0"], result["random_1"])
     assert result["top"] < 0.8 * np.mean([result["random_0"], result["random_1"]])
+
+
+def test_needle_sentences_read_naturally(llama_lm) -> None:
+    """No double space (a lone space token) between a needle's prefix and its answer (issue 14 item 7);
+    the answer span decodes to the answer."""
+    family = RetrievalFamily()
+    config = family.config({"retrieval_lengths": 1, "retrieval_min_length": 256, "max_context": 256,
+                            "retrieval_depths": 3})
+    for test in family.tests(llama_lm, config):
+        text = llama_lm.tokenizer.decode(test.ids)
+        natural = f"{test.needle.prefix.strip()} {test.needle.answer}{test.needle.suffix}"
+        assert natural in text, (natural, text)
+        assert llama_lm.tokenizer.decode(test.ids[slice(*test.span)]).strip() == test.needle.answer

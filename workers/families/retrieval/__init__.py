@@ -222,7 +222,7 @@ def random_same_layers(top: list[tuple[int, int]], n_heads: int, seed: int) -> l
 
 class RetrievalFamily:
     name = "retrieval"
-    version = 1
+    version = 2  # 2: the needle sentence has no double space before the answer (issue 14 item 7)
     stores = ("head_metrics", "edits", "run_metrics")
 
     options = (

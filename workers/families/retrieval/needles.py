@@ -139,7 +139,9 @@ class PromptBuilder:
 
     def build(self, needle: Needle, length: int, depth: float, haystack: list[int]) -> NeedleTest:
         """A prompt of `length` tokens with the needle at `depth` percent of the haystack."""
-        prefix, answer, suffix = self.encode(needle.prefix), self.encode(" " + needle.answer.strip()), \
+        # the answer carries its own leading space: a prefix ending in one would make "is  a" (a lone
+        # space token before the answer)
+        prefix, answer, suffix = self.encode(needle.prefix.rstrip()), self.encode(" " + needle.answer.strip()), \
             self.encode(needle.suffix)
         tail = self.encode(self.tail_text.format(question=needle.question))
         n_hay = length - len(self.head) - len(prefix) - len(answer) - len(suffix) - len(tail)
