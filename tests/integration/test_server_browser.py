@@ -94,13 +94,19 @@ def test_concept_page_lists_top_heads_across_models(site: dict[str, Any], browse
 
 def test_search_box_opens_a_head_and_the_model_heatmap(site: dict[str, Any], browser: Any) -> None:
     from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
 
+    wait = WebDriverWait(browser, 30)  # submitting a form navigates asynchronously: wait, never race
     browser.get(site["url"] + "/")
     box = browser.find_element("id", "search")
     box.send_keys(f"{site['key']} 1.2", Keys.ENTER)
-    assert browser.current_url.endswith("/1/2")
+    wait.until(ec.url_matches(r"/1/2$"))
+    wait.until(ec.presence_of_element_located(("id", "head-title")))
     assert "head 2" in browser.find_element("id", "head-title").text
     browser.find_element("link text", f"all heads of {site['card']['model']}").click()
-    heat = cells(browser, "table.heat[data-metric='patterns.induction'] td[data-layer='1'][data-head='2']")
+    selector = "table.heat[data-metric='patterns.induction'] td[data-layer='1'][data-head='2']"
+    wait.until(ec.presence_of_element_located(("css selector", selector)))
+    heat = cells(browser, selector)
     induction = next(m for m in site["card"]["metrics"] if m["metric"] == "patterns.induction")
     assert float(heat[0].get_attribute("data-value")) == induction["value"]
