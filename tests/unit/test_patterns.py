@@ -102,3 +102,56 @@ def test_family_on_a_tiny_model(tiny_lm) -> None:
             assert 0.0 <= row["value"] <= 1.0 + 1e-6
         assert row["n"] == 3
     assert result.tokens == 3 * (2 * 8 + 1)
+
+
+def _reference_scores(lm, config) -> dict[tuple[str, int, int], float]:
+    """The pre-issue-17 path: one forward with output_attentions=True holding every layer's weights."""
+    from workers.probes import repeated_tokens
+
+    tokens = repeated_tokens(lm.tokenizer, lm.adapter.unembed.weight.shape[0], n=config["n"],
+                             batch=config["batch"], seed=config["seed"])
+    previous = lm.model.config._attn_implementation
+    lm.model.set_attn_implementation("eager")
+    try:
+        with torch.inference_mode():
+            out = lm.model(tokens, output_attentions=True)
+    finally:
+        lm.model.set_attn_implementation(previous)
+    targets = detector_patterns(tokens)
+    ref = {}
+    for layer, attn in enumerate(out.attentions):
+        for metric, values in pattern_scores(attn, tokens, config["n"], targets).items():
+            for head, value in enumerate(values.mean(0).tolist()):
+                ref[(f"patterns.{metric}", layer, head)] = value
+    return ref
+
+
+@pytest.mark.parametrize("memory", [None, "1"])
+def test_layerwise_scores_match_output_attentions_whatever_the_minibatch(tiny_lm, monkeypatch, memory) -> None:
+    """Scores computed inside each layer (weights dropped there) equal the output_attentions path, whether the
+    memory model runs all 5 sequences at once or (1 byte free) one per forward."""
+    if memory:
+        monkeypatch.setenv("HEAD_ATLAS_MEMORY_BYTES", memory)
+    family = PatternsFamily()
+    config = family.config({"probe_n": 8, "probe_batch": 5})
+    rows = family.run(tiny_lm, config).tables["head_metrics"]
+    ref = _reference_scores(tiny_lm, config)
+    assert len(rows) == len(ref)
+    for row in rows:
+        assert row["value"] == pytest.approx(ref[(row["metric"], row["layer"], row["head"])], rel=1e-5, abs=1e-6)
+
+
+def test_the_family_never_asks_for_every_layers_attention(tiny_lm, monkeypatch) -> None:
+    """output_attentions=True would keep (batch, heads, T, T) for every layer until the forward ends; the
+    family's forwards must return none, and compute the logits of one position only (it reads no logits)."""
+    seen = []
+    real = tiny_lm.model.forward
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        seen.append((kwargs.get("output_attentions"), out.attentions, out.logits.shape[1]))
+        return out
+
+    monkeypatch.setattr(tiny_lm.model, "forward", spy)
+    PatternsFamily().run(tiny_lm, PatternsFamily().config({"probe_n": 8, "probe_batch": 2}))
+    assert seen and all(not asked and attentions is None and kept == 1 for asked, attentions, kept in seen)

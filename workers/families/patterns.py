@@ -19,10 +19,13 @@ text may score low here); heads that attend to BOS by default look like sinks, n
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, ClassVar
 
 import torch
 
+from workers.batching import patterns_batch
 from workers.families.base import FamilyResult, head_metric_rows, scaled_batch
 from workers.models import LoadedModel
 from workers.options import SEED, Option, resolve
@@ -50,9 +53,9 @@ def pattern_scores(attn: torch.Tensor, tokens: torch.Tensor, n: int,
                    targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Per-sequence scores for one layer. attn: (batch, heads, T, T); returns {metric: (batch, heads)}."""
     attn = attn.float()
-    t = attn.shape[-1]
-    rows = torch.arange(1, t)
-    second = torch.arange(n + 1, 2 * n + 1)  # positions of the repeated half
+    t, device = attn.shape[-1], attn.device
+    rows = torch.arange(1, t, device=device)
+    second = torch.arange(n + 1, 2 * n + 1, device=device)  # positions of the repeated half
     scores = {
         "prev_token": attn[..., rows, rows - 1].mean(-1),
         "duplicate_token": attn[..., second, second - n].mean(-1),
@@ -62,10 +65,11 @@ def pattern_scores(attn: torch.Tensor, tokens: torch.Tensor, n: int,
     }
     body = attn[..., 1:, :]  # rows t >= 1
     scores["entropy"] = -(body * body.clamp_min(1e-12).log()).sum(-1).mean(-1)
-    distance = (torch.arange(t)[:, None] - torch.arange(t)[None, :]).clamp_min(0).float()[1:]
+    positions = torch.arange(t, device=device)
+    distance = (positions[:, None] - positions[None, :]).clamp_min(0).float()[1:]
     scores["mean_distance"] = (body * distance).sum(-1).mean(-1)
     for name, target in targets.items():
-        scores[name] = (attn * target[:, None]).sum((-1, -2)) / attn.sum((-1, -2))
+        scores[name] = (attn * target.to(device)[:, None]).sum((-1, -2)) / attn.sum((-1, -2))
     return scores
 
 
@@ -99,17 +103,18 @@ class PatternsFamily:
         n_vocab = lm.adapter.unembed.weight.shape[0]
         tokens = repeated_tokens(lm.tokenizer, n_vocab, n=n, batch=batch, seed=config["seed"])
         targets = detector_patterns(tokens)
-        step = scaled_batch(config, batch)
+        # sequences per forward: what fits the free memory (workers/batching.py), halved on a retry
+        step = scaled_batch(config, patterns_batch(lm.model, lm.device, lm.dtype, tokens.shape[1], batch))
         chunks = []  # per minibatch: per layer {metric: (minibatch, heads)}
         previous = lm.model.config._attn_implementation
-        lm.model.set_attn_implementation("eager")  # the only path that returns attention weights
+        lm.model.set_attn_implementation("eager")  # the only path that computes attention weights
         try:
             for start in range(0, batch, step):
                 part = tokens[start:start + step]
-                with torch.inference_mode():
-                    out = lm.model(part.to(lm.device), output_attentions=True)
-                chunks.append([pattern_scores(a.cpu(), part, n, {k: v[start:start + step] for k, v in
-                                                                  targets.items()}) for a in out.attentions])
+                with torch.inference_mode(), scored_per_layer(lm.model, part, n, {
+                        k: v[start:start + step] for k, v in targets.items()}) as per_layer:
+                    lm.model(part.to(lm.device), logits_to_keep=1, use_cache=False)
+                chunks.append([per_layer[layer] for layer in range(lm.adapter.n_layers)])
         finally:
             lm.model.set_attn_implementation(previous)
         rows = []
@@ -121,3 +126,33 @@ class PatternsFamily:
             rows += head_metric_rows(f"patterns.{metric}", mean, stderr, batch)
         return FamilyResult({"head_metrics": rows}, tokens=tokens.numel(),
                             extra_config={"bos_token_id": bos_id(lm.tokenizer)})
+
+
+@contextmanager
+def scored_per_layer(model: torch.nn.Module, tokens: torch.Tensor, n: int,
+                     targets: dict[str, torch.Tensor]) -> Iterator[dict[int, dict[str, torch.Tensor]]]:
+    """Score each layer's attention weights inside the layer and drop them: {layer: {metric: (b, heads)}}.
+
+    `output_attentions=True` keeps every layer's (batch, heads, T, T) weights until the forward ends
+    (30 layers x 9 heads x T^2 for SmolLM2; 32 x 32 x T^2 for an 8B model, 34 GB at T = 1,024 for a
+    batch of 8); here only one layer's exist at a time."""
+    from workers.families.retrieval.decode_probe import attention_modules
+
+    scores: dict[int, dict[str, torch.Tensor]] = {}
+    on_device: dict[str, dict[str, torch.Tensor]] = {}  # the targets, moved once per device (device_map)
+
+    def hook(module: torch.nn.Module, args: tuple, output: Any) -> Any:
+        if not isinstance(output, tuple) or len(output) < 2 or output[1] is None:
+            raise RuntimeError(f"{type(module).__name__} returned no attention weights (not eager attention)")
+        weights = output[1]
+        moved = on_device.setdefault(str(weights.device), {k: v.to(weights.device) for k, v in targets.items()})
+        layer_scores = pattern_scores(weights, tokens, n, moved)
+        scores[int(module.layer_idx)] = {k: v.cpu() for k, v in layer_scores.items()}  # type: ignore[arg-type]
+        return (output[0], None, *output[2:])
+
+    handles = [module.register_forward_hook(hook) for module in attention_modules(model)]
+    try:
+        yield scores
+    finally:
+        for handle in handles:
+            handle.remove()
