@@ -17,11 +17,13 @@ from typing import Any
 
 import numpy as np
 
+from atlas.consistency import consistency
 from atlas.errors import BadInput, NotFound
 from atlas.queries import resolve_metric, resolve_model_key
 from atlas.store import Atlas
 
 TOP_K = 5
+DRAWS = 2000
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2"]
 
 
@@ -210,10 +212,14 @@ def _runs(atlas: Atlas, run_ids: set[str]) -> list[dict[str, Any]]:
 
 def compare(atlas: Atlas, models: list[str] | None = None, metrics: list[str] | None = None,
             concepts: list[str] | None = None, thresholds: dict[str, float] | None = None,
-            top: int = TOP_K) -> dict[str, Any]:
-    """Everything the report shows, with the run ids behind each number."""
+            top: int = TOP_K, draws: int = DRAWS) -> dict[str, Any]:
+    """Everything the report shows, with the run ids behind each number; `across` holds the
+    cross-model consistency of each role and concept (atlas.consistency), with `draws` null draws."""
     if top < 1:
         raise BadInput(f"--top must be at least 1, got {top}", "e.g. --top 5")
+    if draws < 99:
+        raise BadInput(f"--draws must be at least 99 (p-values resolve 1 / (1 + draws)), got {draws}",
+                       "e.g. --draws 2000")
     infos = model_infos(atlas, models)
     keys = [m["model_key"] for m in infos]
     if metrics:
@@ -232,10 +238,16 @@ def compare(atlas: Atlas, models: list[str] | None = None, metrics: list[str] | 
     used = {rid for per in grids.values() for cell in per.values() for rid in cell["run_ids"]}
     used |= {rid for c in concept_entries for m in c["models"].values() for rid in m["run_ids"]}
     version = atlas.con.execute("SELECT value FROM atlas_meta WHERE key = 'schema_version'").fetchall()
+    properties = [{"id": r["metric"], "label": r["label"], "kind": "role", "threshold": r["threshold"]}
+                  for r in roles]
+    properties += [{"id": f"concept:{c['concept']}", "label": f"concept {c['concept']}", "kind": "concept"}
+                   for c in concept_entries]
+    across = consistency(atlas, infos, properties, top=top, draws=draws) if len(infos) > 1 else []
     return {"atlas": str(atlas.path), "schema_version": int(version[0][0]) if version else None,
             "generated_at": datetime.now(UTC).isoformat(timespec="seconds"), "top": top,
             "models": infos, "metrics": metric_ids, "grids": grids, "roles": roles,
-            "top_heads": top_heads, "concepts": concept_entries, "runs": _runs(atlas, used)}
+            "top_heads": top_heads, "concepts": concept_entries, "across": across, "draws": draws,
+            "runs": _runs(atlas, used)}
 
 
 def summary(data: dict[str, Any]) -> dict[str, Any]:
@@ -255,6 +267,9 @@ def summary(data: dict[str, Any]) -> dict[str, Any]:
         "concepts": {c["concept"]: {labels[k]: [{f: h[f] for f in ("layer", "head", "kv_head", "depth", "value")}
                                                 for h in m["top"]] for k, m in c["models"].items()}
                      for c in data["concepts"]},
+        "across": [{"property": e["property"], "finding": e["finding"],
+                    "views": {v: {f: round(s[f], 4) for f in ("observed", "null_mean", "p", "q")}
+                              for v, s in e["views"].items()}} for e in data.get("across", [])],
         "runs": [r["run_id"] for r in data["runs"]],
     }
 
@@ -276,6 +291,8 @@ def summary_text(data: dict[str, Any], out: str | Path | None = None) -> str:
         best = ", ".join(f"{labels[k]} L{m['top'][0]['layer']}.H{m['top'][0]['head']}"
                          for k, m in concept["models"].items() if m["top"])
         lines.append(f"concept {concept['concept']}: {best}")
+    for entry in data.get("across", []):
+        lines.append(f"across: {entry['finding']}")
     lines.append(f"{len(data['runs'])} runs behind these numbers")
     if out:
         lines.append(f"report -> {out}")

@@ -1,0 +1,257 @@
+"""Do the same roles and concepts live in matching heads across models? A permutation test per view.
+
+For each property (a role metric such as `patterns.induction`, or a concept's Head Pursuit score) every
+model contributes its top-k heads by that property. For each pair of models, four views ask whether the
+two top-k sets are more alike than k heads drawn at random from each model:
+
+- `depth`: mean |depth_a - depth_b| over the k x k pairs (depth = layer / (n_layers - 1)); lower = alike.
+- `profile`: mean rank-profile similarity (atlas.match) over the k x k pairs, computed *without* the
+  property itself (leave-one-out), so the match is not the property agreeing with itself; higher = alike.
+- `tokens`: mean Jaccard overlap of the heads' lens readouts (atlas.match), when both models have them.
+- `recovery`: the share of A's top-k heads whose best leave-one-out profile match in B is one of B's
+  top-k (averaged over both directions): can the role be found in B without looking at its score?
+
+The null draws k random heads per model (without replacement, the same draws for every pair, so the
+statistics over all pairs share one null); p = (1 + #{null at least as extreme}) / (1 + draws). Every test
+of one comparison (properties x views, over all pairs) gets a Benjamini-Hochberg q-value. Caveats: k heads
+of one model are not independent samples, and a model where the role is absent still has a top-k (its
+`above_threshold` count says so); the findings name both.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import numpy as np
+
+from atlas.match import _features, _token_sets, percentiles
+from atlas.store import Atlas
+
+VIEWS = ("depth", "profile", "tokens", "recovery")
+LOWER_IS_ALIKE = {"depth"}
+
+
+def _depths(info: dict[str, Any]) -> np.ndarray:
+    n_layers, n_heads = info["n_layers"], info["n_heads"]
+    layers = np.repeat(np.arange(n_layers), n_heads)
+    return layers / (n_layers - 1) if n_layers > 1 else np.zeros(layers.shape)
+
+
+class _Model:
+    """One model's heads in row-major order (layer, head), its features and lens token sets."""
+
+    def __init__(self, atlas: Atlas, info: dict[str, Any]) -> None:
+        self.info = info
+        self.heads = [(layer, head) for layer in range(info["n_layers"]) for head in range(info["n_heads"])]
+        self.features = _features(atlas, info["model_key"])
+        self.tokens = _token_sets(atlas, info["model_key"])
+        self.depth = _depths(info)
+
+    def values(self, prop: str) -> np.ndarray | None:
+        column = self.features.get(prop)
+        if not column:
+            return None
+        return np.array([column.get(h, np.nan) for h in self.heads], dtype=float)
+
+
+class _Pair:
+    """Similarity matrices between two models' heads (n_a, n_b), built once for every property."""
+
+    def __init__(self, a: _Model, b: _Model) -> None:
+        self.names = sorted(set(a.features) & set(b.features))
+        pa = np.stack([percentiles(a.values(n)) for n in self.names], axis=1) if self.names else None  # type: ignore[arg-type]
+        pb = np.stack([percentiles(b.values(n)) for n in self.names], axis=1) if self.names else None  # type: ignore[arg-type]
+        self.diff = None if pa is None or pb is None else np.abs(pa[:, None, :] - pb[None, :, :])
+        if self.diff is not None:
+            present = ~np.isnan(self.diff)
+            self.total = np.where(present, self.diff, 0.0).sum(axis=2)
+            self.count = present.sum(axis=2)
+        self.depth = np.abs(a.depth[:, None] - b.depth[None, :])
+        kinds = sorted(set(a.tokens) & set(b.tokens))
+        self.tokens = _jaccard(a, b, kinds) if kinds else None
+
+    def profile_without(self, prop: str) -> np.ndarray | None:
+        """Leave-one-out profile similarity: every shared feature except `prop`."""
+        if self.diff is None:
+            return None
+        total, count = self.total, self.count
+        if prop in self.names:
+            j = self.names.index(prop)
+            left = self.diff[:, :, j]
+            total = total - np.nan_to_num(left)
+            count = count - ~np.isnan(left)
+        if not np.any(count):
+            return None
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(count > 0, 1.0 - total / np.maximum(count, 1), np.nan)
+
+
+def _jaccard(a: _Model, b: _Model, kinds: list[str]) -> np.ndarray:
+    sims = np.zeros((len(a.heads), len(b.heads)))
+    for kind in kinds:
+        sets_a = [a.tokens[kind].get(h, set()) for h in a.heads]
+        sets_b = [b.tokens[kind].get(h, set()) for h in b.heads]
+        for i, mine in enumerate(sets_a):
+            if not mine:
+                continue
+            for j, theirs in enumerate(sets_b):
+                if theirs:
+                    sims[i, j] += len(mine & theirs) / len(mine | theirs)
+    return sims / len(kinds)
+
+
+def _top(values: np.ndarray, k: int) -> np.ndarray:
+    ok = np.flatnonzero(~np.isnan(values))
+    order = ok[np.lexsort((ok, -values[ok]))]  # highest first, ties by head order
+    return order[:k]
+
+
+def _block_mean(matrix: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Mean of matrix[rows_i][:, cols_i] for each draw i. rows: (draws, k), cols: (draws, k) -> (draws,)."""
+    return np.nanmean(matrix[rows[:, :, None], cols[:, None, :]], axis=(1, 2))
+
+
+def _recovery(sim: np.ndarray, top_a: np.ndarray, top_b: np.ndarray, draws_a: np.ndarray) -> tuple[float, np.ndarray]:
+    """Share of A's heads whose best match in B lies in B's top set: observed, and for random A sets."""
+    filled = np.where(np.isnan(sim), -np.inf, sim)
+    best = np.argmax(filled, axis=1)  # (n_a,) B's best match for every head of A
+    hit = np.isin(best, top_b).astype(float)
+    return float(hit[top_a].mean()), hit[draws_a].mean(axis=1)
+
+
+def _p_value(observed: float, null: np.ndarray, lower_is_alike: bool) -> float:
+    extreme = null <= observed + 1e-12 if lower_is_alike else null >= observed - 1e-12
+    return float((1 + np.count_nonzero(extreme)) / (1 + null.size))
+
+
+def _bh(p_values: list[float]) -> list[float]:
+    """Benjamini-Hochberg q-values, in the input order."""
+    if not p_values:
+        return []
+    p = np.asarray(p_values)
+    order = np.argsort(p)
+    ranked = p[order] * len(p) / np.arange(1, len(p) + 1)
+    q = np.minimum.accumulate(ranked[::-1])[::-1]
+    out = np.empty(len(p))
+    out[order] = np.minimum(q, 1.0)
+    return [float(v) for v in out]
+
+
+def consistency(atlas: Atlas, infos: list[dict[str, Any]], properties: list[dict[str, Any]], top: int = 5,
+                draws: int = 2000, seed: int = 0) -> list[dict[str, Any]]:
+    """One entry per property held by at least two models: each model's top heads, the best matches of
+    each top head in the other models, and per view the observed statistic, the null mean and p/q values
+    (over all pairs, and per pair). properties: [{"id", "label", "kind": "role"|"concept", "threshold"?}]."""
+    if len(infos) < 2:
+        return []
+    rng = np.random.default_rng(seed)
+    models = {info["model_key"]: _Model(atlas, info) for info in infos}
+    pairs = {(a, b): _Pair(models[a], models[b]) for a, b in itertools.combinations(models, 2)}
+    k_of = {key: min(top, len(m.heads)) for key, m in models.items()}
+    null_draws = {key: np.stack([rng.choice(len(m.heads), size=k_of[key], replace=False) for _ in range(draws)])
+                  for key, m in models.items()}
+    entries = []
+    for prop in properties:
+        values = {key: m.values(prop["id"]) for key, m in models.items()}
+        keys = [key for key in models if values[key] is not None and np.any(~np.isnan(values[key]))]  # type: ignore[arg-type]
+        if len(keys) < 2:
+            continue
+        tops = {key: _top(values[key], k_of[key]) for key in keys}  # type: ignore[arg-type]
+        entry: dict[str, Any] = {"property": prop["id"], "label": prop["label"], "kind": prop["kind"],
+                                 "threshold": prop.get("threshold"), "models": {}, "pairs": [], "views": {}}
+        for key in keys:
+            m, vals = models[key], values[key]
+            assert vals is not None
+            above = None if prop.get("threshold") is None else int(np.sum(vals > prop["threshold"]))
+            entry["models"][key] = {
+                "above_threshold": above, "max": float(np.nanmax(vals)),
+                "top": [{"layer": m.heads[i][0], "head": m.heads[i][1], "depth": round(float(m.depth[i]), 4),
+                         "value": float(vals[i])} for i in tops[key]]}
+        observed: dict[str, list[float]] = {v: [] for v in VIEWS}
+        nulls: dict[str, list[np.ndarray]] = {v: [] for v in VIEWS}
+        for a, b in itertools.combinations(keys, 2):
+            pair = pairs[(a, b)] if (a, b) in pairs else pairs[(b, a)]
+            if (a, b) not in pairs:
+                a, b = b, a
+            ta, tb, da, db = tops[a], tops[b], null_draws[a], null_draws[b]
+            stats: dict[str, dict[str, float] | None] = {}
+            matrices = {"depth": pair.depth, "profile": pair.profile_without(prop["id"]), "tokens": pair.tokens}
+            for view, matrix in matrices.items():
+                if matrix is None:
+                    stats[view] = None
+                    continue
+                obs = float(np.nanmean(matrix[np.ix_(ta, tb)]))
+                null = _block_mean(matrix, da, db)
+                stats[view] = {"observed": obs, "null_mean": float(np.nanmean(null)),
+                               "p": _p_value(obs, null, view in LOWER_IS_ALIKE)}
+                observed[view].append(obs)
+                nulls[view].append(null)
+            sim = matrices["profile"]
+            matches: dict[str, list[dict[str, Any]]] = {}
+            if sim is not None:
+                ab, null_ab = _recovery(sim, ta, tb, da)
+                ba, null_ba = _recovery(sim.T, tb, ta, db)
+                null = (null_ab + null_ba) / 2
+                obs = (ab + ba) / 2
+                stats["recovery"] = {"observed": obs, "null_mean": float(null.mean()), "p": _p_value(obs, null, False)}
+                observed["recovery"].append(obs)
+                nulls["recovery"].append(null)
+                matches = {a: _best_matches(sim, ta, models[b], tb), b: _best_matches(sim.T, tb, models[a], ta)}
+            else:
+                stats["recovery"] = None
+            entry["pairs"].append({"a": a, "b": b, "views": stats, "best_matches": matches})
+        for view in VIEWS:
+            if len(observed[view]) == len(entry["pairs"]) and observed[view]:
+                obs = float(np.mean(observed[view]))
+                null = np.mean(np.stack(nulls[view]), axis=0)
+                entry["views"][view] = {"observed": obs, "null_mean": float(null.mean()),
+                                        "p": _p_value(obs, null, view in LOWER_IS_ALIKE), "pairs": len(observed[view])}
+        entries.append(entry)
+    _add_q_values(entries)
+    for entry in entries:
+        entry["finding"] = finding(entry, {key: m.info["label"] for key, m in models.items()})
+    return entries
+
+
+def _best_matches(sim: np.ndarray, top_a: np.ndarray, b: _Model, top_b: np.ndarray) -> list[dict[str, Any]]:
+    """For each of A's top heads: B's best leave-one-out profile match and whether it is in B's top set."""
+    out = []
+    for i in top_a:
+        row = np.where(np.isnan(sim[i]), -np.inf, sim[i])
+        j = int(np.argmax(row))
+        out.append({"layer": b.heads[j][0], "head": b.heads[j][1], "depth": round(float(b.depth[j]), 4),
+                    "profile": float(sim[i, j]), "in_top": bool(j in set(top_b.tolist()))})
+    return out
+
+
+def _add_q_values(entries: list[dict[str, Any]]) -> None:
+    slots = [(e, v) for e in entries for v in VIEWS if v in e["views"]]
+    for (entry, view), q in zip(slots, _bh([e["views"][v]["p"] for e, v in slots]), strict=True):
+        entry["views"][view]["q"] = q
+
+
+def finding(entry: dict[str, Any], labels: dict[str, str], alpha: float = 0.05) -> str:
+    """One sentence a reader can check against the table: what agrees across models, what does not."""
+    names = {"depth": "depth", "profile": "other metrics' profile", "tokens": "lens readouts",
+             "recovery": "profile matching recovers the top heads"}
+    agree, fail = [], []
+    for view in VIEWS:
+        stat = entry["views"].get(view)
+        if stat is None:
+            continue
+        text = f"{names[view]} {stat['observed']:.2f} vs {stat['null_mean']:.2f} random (q={stat['q']:.3g})"
+        (agree if stat["q"] < alpha else fail).append(text)
+    absent = [labels[k] for k, m in entry["models"].items() if m["above_threshold"] == 0]
+    text = f"{entry['label']} across {', '.join(labels[k] for k in entry['models'])}: "
+    text += ("alike beyond chance in " + "; ".join(agree)) if agree else "no view alike beyond chance"
+    if fail:
+        text += "; not in " + "; ".join(fail)
+    text += "."
+    if absent:
+        text += (f" No head above the threshold {entry['threshold']:g} in {', '.join(absent)}: its top heads "
+                 "are the highest-scoring, not role heads.")
+    return text
+
+
+__all__ = ["VIEWS", "consistency", "finding"]
