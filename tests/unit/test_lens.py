@@ -100,3 +100,34 @@ def test_family_rows_have_every_head_and_ranked_tokens(tiny_lm: LoadedModel) -> 
     low = [r for r in tokens if (r["layer"], r["head"], r["kind"]) == (1, 2, "suppress")]
     assert low[0]["score"] < 0 < one[0]["score"]  # centred over the vocabulary
     assert result.tokens == 3 * 16
+
+
+def test_memory_short_minibatches_store_the_same_numbers_and_keep_one_logit_row(tiny_lm: LoadedModel,
+                                                                                 monkeypatch) -> None:
+    """With 1 byte 'free' the lens runs one window per forward (workers/batching.py) instead of lens_batch;
+    every stored number is the same, and no forward computes more than one position's logits."""
+    family = LensFamily()
+    config = family.config({"lens_windows": 4, "lens_window": 16, "lens_top_k": 3, "lens_batch": 4})
+    widths: list[tuple[int, int]] = []
+    real = tiny_lm.model.forward
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        widths.append((int(args[0].shape[0]), int(out.logits.shape[1])))
+        return out
+
+    monkeypatch.setattr(tiny_lm.model, "forward", spy)
+    whole = family.run(tiny_lm, config)
+    assert widths == [(4, 1)]
+    widths.clear()
+    monkeypatch.setenv("HEAD_ATLAS_MEMORY_BYTES", "1")
+    split = family.run(tiny_lm, config)
+    assert widths == [(1, 1)] * 4
+    for table in ("head_metrics", "head_tokens"):
+        for a, b in zip(whole.tables[table], split.tables[table], strict=True):
+            assert a.keys() == b.keys()
+            for key in a:
+                if isinstance(a[key], float):
+                    assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6)
+                elif key != "token_text":
+                    assert b[key] == a[key]

@@ -211,3 +211,35 @@ def test_needle_tests_decoded_side_by_side_equal_one_at_a_time(tiny_lm) -> None:
     for (tokens, hits), (want_tokens, want_hits) in zip(stacked, alone, strict=True):
         assert tokens == want_tokens and (hits == want_hits).all()
     assert any(h.sum() > 0 for _, h in alone) or len({tuple(t) for t, _ in alone}) > 1
+
+
+def test_decode_rows_follow_free_memory_and_dtype(tiny_lm, monkeypatch) -> None:
+    """Rows decoded side by side: as many KV-cache rows as half the free memory holds (after one prefill's
+    activations), at most DECODE_BATCH, at least 1; a bf16 cache row costs half a float32 one."""
+    from dataclasses import replace
+
+    from workers.batching import forward_bytes, kv_cache_bytes, model_shape
+    from workers.families.retrieval import DECODE_BATCH, decode_batch
+
+    shape = model_shape(tiny_lm.model)
+    row, fixed = kv_cache_bytes(shape, 1000, 4), forward_bytes(shape, 1000, 4)
+    monkeypatch.setenv("HEAD_ATLAS_MEMORY_BYTES", str(int(2 * (fixed + 5 * row))))
+    assert decode_batch(tiny_lm, 1000) == 5
+    assert decode_batch(tiny_lm, 1000, {"_batch_divisor": 2}) == 2  # a retry after an out-of-memory error
+    assert decode_batch(replace(tiny_lm, dtype="bfloat16"), 1000) >= 10
+    monkeypatch.setenv("HEAD_ATLAS_MEMORY_BYTES", "1")
+    assert decode_batch(tiny_lm, 1000) == 1
+    monkeypatch.setenv("HEAD_ATLAS_MEMORY_BYTES", str(2**50))
+    assert decode_batch(tiny_lm, 1000) == DECODE_BATCH
+
+
+def test_family_scores_do_not_depend_on_the_decode_rows(tiny_lm, corpus_file, monkeypatch) -> None:
+    family = RetrievalFamily()
+    config = family.config({"max_context": 256, "retrieval_depths": 3, "retrieval_max_new_tokens": 4,
+                            "corpus": corpus_file})
+    stacked = family.run(tiny_lm, config).tables["head_metrics"]
+    monkeypatch.setenv("HEAD_ATLAS_MEMORY_BYTES", "1")
+    alone = family.run(tiny_lm, config).tables["head_metrics"]
+    assert [(r["metric"], r["layer"], r["head"], r["n"]) for r in stacked] == \
+        [(r["metric"], r["layer"], r["head"], r["n"]) for r in alone]
+    assert [r["value"] for r in stacked] == pytest.approx([r["value"] for r in alone])

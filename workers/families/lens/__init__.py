@@ -42,8 +42,9 @@ import torch
 
 from atlas.errors import BadInput
 from workers.adapters import BoundAdapter, norm_gain
+from workers.batching import lens_batch
 from workers.corpora import EMBEDDED, load_corpus, token_windows
-from workers.families.base import FamilyResult, head_metric_rows
+from workers.families.base import FamilyResult, head_metric_rows, scaled_batch
 from workers.hooks import capture_z
 from workers.models import LoadedModel
 from workers.options import CORPUS, TEXT_FIELD, Option, resolve
@@ -125,7 +126,8 @@ class LensFamily:
     options = (
         Option("lens_window", "int", DEFAULTS["window"], "tokens per corpus window", min=4, max=131072),
         Option("lens_windows", "int", DEFAULTS["windows"], "corpus windows read", min=1, max=1_000_000),
-        Option("lens_batch", "int", DEFAULTS["batch"], "windows per forward", min=1, max=4096),
+        Option("lens_batch", "int", DEFAULTS["batch"], "windows per forward at most (fewer if memory is short)",
+               min=1, max=4096),
         Option("lens_top_k", "int", DEFAULTS["top_k"], "promoted and suppressed tokens stored per head",
                min=1, max=1000),
         CORPUS, TEXT_FIELD,
@@ -158,7 +160,10 @@ class LensFamily:
         tokens = token_windows(corpus, lm.tokenizer, config["window"], config["windows"],
                                bos=bos_id(lm.tokenizer))
         stats = LensStats(lm.adapter)
-        for batch in tokens.split(config["batch"]):
+        # windows per forward: lens_batch at most, fewer where the free memory says so, halved on a retry;
+        # each window's numbers are its own, so the split changes nothing stored
+        step = scaled_batch(config, lens_batch(lm.model, lm.device, lm.dtype, tokens.shape[1], config["batch"]))
+        for batch in tokens.split(step):
             stats.add(lm, batch)
         rows = stats.metric_rows()
         token_rows = stats.token_rows(lm.tokenizer, config["top_k"])
@@ -185,7 +190,7 @@ class LensStats:
         a, w_u = self.adapter, self.adapter.unembed.weight.detach().float()  # (vocab, d_model)
         tokens = tokens.to(self.device)
         with clean_run(a) as run:
-            lm.model(tokens)
+            lm.model(tokens, logits_to_keep=1, use_cache=False)  # reads the final norm, not the (T, vocab) logits
         s = frozen_scale(run["norm_in"], run["norm_out"], self.gamma, self.beta, self.centred)  # (B, T)
         s = s[:, 1:-1]  # (B, P) positions 1 .. T-2
         u = w_u[tokens[:, 2:]]  # (B, P, d_model): rows of the actual next tokens

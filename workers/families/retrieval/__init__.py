@@ -31,8 +31,9 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from workers.batching import decode_rows
 from workers.corpora import load_corpus
-from workers.families.base import FamilyResult, head_metric_rows
+from workers.families.base import FamilyResult, head_metric_rows, scaled_batch
 from workers.families.retrieval.decode_probe import DecodeProbe, attached
 from workers.families.retrieval.needles import NEEDLES, NeedleTest, build_tests, depth_grid, length_grid, rouge1_recall
 from workers.kv_cache import new_cache, stacked, with_cache
@@ -164,16 +165,14 @@ def _haystack_order(tests: list[NeedleTest]) -> list[int]:
     return sorted(range(len(tests)), key=lambda i: (tests[i].needle.name, tests[i].length, -tests[i].depth))
 
 
-DECODE_BATCH = 32  # rows decoded side by side: a decode step reads every weight once, for 1 row or 32
-CACHE_BUDGET = 2**31  # bytes of stacked KV cache (SmolLM2: 47 MB per 1,024-token row)
+DECODE_BATCH = 32  # rows decoded side by side at most: a decode step reads every weight once, for 1 row or 32
 
 
-def decode_batch(lm: LoadedModel, length: int) -> int:
-    """How many prompts of `length` tokens decode side by side: DECODE_BATCH, fewer for long prompts."""
-    config, a = lm.model.config, lm.adapter
-    n_kv = int(getattr(config, "num_key_value_heads", None) or a.n_heads)
-    per_row = a.n_layers * 2 * n_kv * length * a.d_head * 4
-    return max(1, min(DECODE_BATCH, CACHE_BUDGET // per_row))
+def decode_batch(lm: LoadedModel, length: int, config: dict[str, Any] | None = None) -> int:
+    """How many prompts of `length` tokens decode side by side: DECODE_BATCH, fewer where their KV cache rows
+    (in the model's dtype) would not fit the free device memory (workers/batching.py); halved on a retry."""
+    rows = decode_rows(lm.model, lm.device, lm.dtype, length, DECODE_BATCH)
+    return scaled_batch(config, rows) if config is not None else rows
 
 
 class PrefixCache:
@@ -295,7 +294,8 @@ class RetrievalFamily:
         stops = stop_ids(lm.tokenizer)
         recalls, scores = [0.0] * len(tests), [np.zeros(0)] * len(tests)
         prefix = PrefixCache(lm)
-        size = decode_batch(lm, max(len(t.ids) for t in tests)) if prefix.enabled else 1  # full attention only
+        longest = max(len(t.ids) for t in tests)
+        size = decode_batch(lm, longest, config) if prefix.enabled else 1  # full attention only
         with torch.inference_mode(), attached(lm.model, DecodeProbe(record=True)) as probe:
             for batch in batches(tests, _haystack_order(tests), size):
                 group = [tests[i] for i in batch]
