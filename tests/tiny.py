@@ -61,3 +61,60 @@ def save_tiny(directory: Path, architecture: str = "LlamaForCausalLM", seed: int
     tiny_model(architecture, seed).save_pretrained(directory)
     tiny_tokenizer().save_pretrained(directory)
     return directory
+
+
+# -- a SentencePiece-style tokenizer with a dummy prefix (Llama-2, Mistral v0.1/0.2) ---------------
+SP_VOCAB = 640
+SP_SPECIALS = ["<unk>", "<s>", "</s>"]
+BYTE_TOKENS = [f"<0x{i:02X}>" for i in range(256)]
+
+
+def sentencepiece_corpus() -> list[str]:
+    """Text the dummy-prefix tokenizer is trained on: the IOI names and templates, needle and concept
+    words, so that the probes' words are single tokens (as in a real vocabulary)."""
+    from workers.families.ablation.ioi import NAMES, OBJECTS, PLACES, TEMPLATES
+    from workers.families.retrieval.needles import NEEDLES, QUESTION_TEMPLATE
+
+    lines = []
+    for i, name in enumerate(NAMES):
+        fills = {"A": name, "B": NAMES[(i + 1) % len(NAMES)], "P": PLACES[i % len(PLACES)],
+                 "O": OBJECTS[i % len(OBJECTS)]}
+        lines += [t.format(**fills) for t in TEMPLATES] * 2
+    for needle in NEEDLES:
+        lines += [needle.sentence, QUESTION_TEMPLATE.format(question=needle.question)] * 4
+    lines += ["The cat sat on the mat. A dog ran in the park. Red blue green yellow."] * 10
+    return [line.replace("\n", " ") for line in lines]  # a newline is only ever a byte token
+
+
+def sentencepiece_tokenizer() -> tf.PreTrainedTokenizerFast:
+    """BPE with byte fallback behind Llama-2's legacy normalizer (prepend '▁', spaces to '▁': the dummy
+    prefix): " Mary" alone encodes as ['▁', '▁Mary'] and "\\n" as the byte token <0x0A>, as Llama-2's
+    tokenizer does. Trained here (deterministic), no download."""
+    from tokenizers import decoders, normalizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    # SentencePiece never merges across a word boundary: each '▁' starts a piece ("▁▁Mary": '▁', '▁Mary')
+    tok.pre_tokenizer = pre_tokenizers.Split("\u2581", behavior="merged_with_next")
+    corpus = sentencepiece_corpus()
+    letters = sorted({c for line in corpus for c in line} | {"\u2581"})
+    trainer = trainers.BpeTrainer(vocab_size=SP_VOCAB, special_tokens=SP_SPECIALS + BYTE_TOKENS,
+                                  initial_alphabet=letters, show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    return tf.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def save_sentencepiece_llama(directory: Path, seed: int = 0) -> Path:
+    """A tiny Llama directory whose tokenizer adds a dummy prefix (see `sentencepiece_tokenizer`)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = sentencepiece_tokenizer()
+    config_cls, kwargs = TINY_CONFIGS["LlamaForCausalLM"]
+    torch.manual_seed(seed)
+    config = config_cls(**{**kwargs, "vocab_size": len(tokenizer)}, bos_token_id=tokenizer.bos_token_id,
+                        eos_token_id=tokenizer.eos_token_id)
+    config.architectures = ["LlamaForCausalLM"]
+    tf.LlamaForCausalLM(config).eval().save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

@@ -60,3 +60,27 @@ def encode_batch(lm: Any, texts: list[str], side: str = "right") -> tuple[torch.
         ids[i, span] = torch.tensor(s)
         mask[i, span] = 1
     return ids, mask
+
+
+# Text that follows other text: SentencePiece tokenizers with a dummy prefix (Llama-2, Mistral v0.1)
+# encode " Mary" on its own as ['▁', '▁Mary'] (the prefix adds a '▁' and the space is another), though
+# inside a sentence it is the one token '▁Mary'. Encoding a piece after a reference context and
+# dropping the context's ids gives the in-sentence tokens on every tokenizer.
+_CONTEXT = "a"
+
+
+def encode_after(tokenizer: Any, text: str, context: str = _CONTEXT) -> list[int]:
+    """The ids `text` has where it follows other text (no dummy prefix, no stray '▁'); plain
+    `encode` when the context's ids are not a prefix of the joint encoding (a merge across the
+    boundary: then the piece has no separate tokens to give)."""
+    head = tokenizer.encode(context, add_special_tokens=False)
+    joint = tokenizer.encode(context + text, add_special_tokens=False)
+    if joint[:len(head)] == head and len(joint) > len(head):
+        return list(joint[len(head):])
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def adds_dummy_prefix(tokenizer: Any) -> bool:
+    """Whether encoding text on its own prepends a word boundary (SentencePiece's dummy prefix):
+    " x" alone then takes more tokens than " x" after other text."""
+    return len(tokenizer.encode(" a", add_special_tokens=False)) > len(encode_after(tokenizer, " a"))

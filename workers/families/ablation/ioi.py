@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from workers.probes import bos_id, sampleable_ids
+from workers.probes import bos_id, encode_after, sampleable_ids
 
 NAMES = ("Mary", "John", "Tom", "James", "Anna", "Paul", "Sarah", "David", "Kate", "Mark", "Lisa",
          "Peter", "Emma", "George", "Laura", "Michael", "Alice", "Daniel", "Rose", "Sam", "Jack",
@@ -51,25 +51,28 @@ class IOISet:
 
 
 def single_token_names(tokenizer: Any) -> list[tuple[str, int]]:
-    """Names that encode to one non-special token with a leading space."""
+    """Names that are one non-special token with a leading space inside a sentence (a dummy-prefix
+    SentencePiece tokenizer encodes " Mary" on its own as ['▁', '▁Mary']: `encode_after`)."""
     special = set(tokenizer.all_special_ids)
     found = []
     for name in NAMES:
-        ids = tokenizer.encode(" " + name, add_special_tokens=False)
+        ids = encode_after(tokenizer, " " + name)
         if len(ids) == 1 and ids[0] not in special:
             found.append((" " + name, ids[0]))
     return found
 
 
 def _encode(tokenizer: Any, template: str, fills: dict[str, int], words: dict[str, str]) -> list[int]:
-    """Encode a template piece by piece so that each name is exactly its single token."""
+    """Encode a template piece by piece so that each name is exactly its single token; every piece
+    after the first is encoded as it reads mid-sentence (no dummy-prefix '▁' before " and")."""
     ids: list[int] = []
     text = template.replace("{P}", words["P"]).replace("{O}", words["O"])
     for piece in text.replace("{", "\x00{").replace("}", "}\x00").split("\x00"):
         if piece.startswith("{") and piece.endswith("}"):
             ids.append(fills[piece[1:-1]])
         elif piece:
-            ids += tokenizer.encode(piece.rstrip(" "), add_special_tokens=False)
+            piece = piece.rstrip(" ")
+            ids += encode_after(tokenizer, piece) if ids else tokenizer.encode(piece, add_special_tokens=False)
     return ids
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from workers.probes import bos_id
+from workers.probes import adds_dummy_prefix, bos_id, encode_after
 
 
 @dataclass(frozen=True)
@@ -87,11 +87,29 @@ class NeedleTest:
         return self.ids[self.span[0]:self.span[1]]
 
 
+def stop_ids(tokenizer: Any) -> list[int]:
+    """Ids that end an answer: EOS, chat end-of-turn, and newline tokens (Wu et al. stop at '\\n'):
+    byte-level BPE's 'Ċ', a plain '\\n', and SentencePiece's byte token <0x0A> (Llama-2, Mistral),
+    found by what "\\n" encodes to mid-text as well as by name."""
+    ids = {i for i in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")) if i is not None}
+    ids |= {i for tok, i in tokenizer.get_vocab().items()
+            if tok.strip(" \u0120\u2581") in ("\n", "\u010a", "\u010a\u010a", "<0x0A>")}
+    newline = encode_after(tokenizer, "\n")
+    if len(newline) == 1:
+        ids.add(newline[0])
+    unk = tokenizer.unk_token_id
+    return sorted(i for i in ids if i != unk)
+
+
 def haystack_ids(texts: tuple[str, ...], tokenizer: Any, n_tokens: int) -> list[int]:
-    """The corpus as one token stream (paragraphs joined by blank lines), at least n_tokens long."""
+    """The corpus as one token stream (paragraphs joined by blank lines), at least n_tokens long.
+    With a dummy-prefix tokenizer a paragraph after the first is encoded as it reads after a blank
+    line (no word-start '▁' the joined text would not have)."""
     ids: list[int] = []
+    dummy = adds_dummy_prefix(tokenizer)
     for text in texts:
-        ids += tokenizer.encode(text + "\n\n", add_special_tokens=False)
+        ids += (encode_after(tokenizer, text + "\n\n", "a\n\n") if ids and dummy
+                else tokenizer.encode(text + "\n\n", add_special_tokens=False))
         if len(ids) >= n_tokens:
             break
     if not ids:
@@ -126,7 +144,7 @@ class PromptBuilder:
                 [{"role": "user", "content": f"<book>{marker}</book>{QUESTION_TEMPLATE}"}],
                 tokenize=False, add_generation_prompt=True)
             head, tail = text.split(marker)
-            self.head, self.tail = enc(head), enc(tail)  # tail: with {question} still in it
+            self.head, self.tail = enc(head), self.after(tail)  # tail: with {question} still in it
             self.tail_text = tail
         else:
             self.head, self.tail_text = [bos_id(tokenizer)], QUESTION_TEMPLATE
@@ -137,13 +155,17 @@ class PromptBuilder:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
+    def after(self, text: str) -> list[int]:
+        """Ids of text that follows other text (a dummy-prefix tokenizer adds no stray '▁')."""
+        return encode_after(self.tokenizer, text)
+
     def build(self, needle: Needle, length: int, depth: float, haystack: list[int]) -> NeedleTest:
         """A prompt of `length` tokens with the needle at `depth` percent of the haystack."""
         # the answer carries its own leading space: a prefix ending in one would make "is  a" (a lone
         # space token before the answer)
-        prefix, answer, suffix = self.encode(needle.prefix.rstrip()), self.encode(" " + needle.answer.strip()), \
-            self.encode(needle.suffix)
-        tail = self.encode(self.tail_text.format(question=needle.question))
+        prefix, answer, suffix = self.after(needle.prefix.rstrip()), self.after(" " + needle.answer.strip()), \
+            self.after(needle.suffix)
+        tail = self.after(self.tail_text.format(question=needle.question))
         n_hay = length - len(self.head) - len(prefix) - len(answer) - len(suffix) - len(tail)
         if n_hay < 16:
             raise ValueError(f"length {length} leaves no room for a haystack")
