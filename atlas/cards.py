@@ -1,44 +1,37 @@
 """Head cards: everything the atlas knows about one head, written generically.
 
 A card reads every metric of the latest complete runs (with the head's rank among all heads of
-its model), every head_tokens kind (promote, suppress, lens, or any a new family adds) and any
-concept scores, so a new family's data appears on the card without touching this file.
+its model, both kept by the writer in `latest_head_metrics`), every head_tokens kind (promote,
+suppress, lens, or any a new family adds) and any concept scores, so a new family's data appears
+on the card without touching this file. Plain SQL, filtered to the one head: a card reads what it shows.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pyarrow as pa
-import pyarrow.compute as pc
-import sqlalchemy as sa
-
-from atlas import schema
 from atlas.errors import NotFound
 from atlas.heads import parse_head
-from atlas.queries import latest, resolve_model_key
-from atlas.store import Atlas
+from atlas.queries import resolve_model_key
 
-runs = schema.runs
-models = schema.models
+if TYPE_CHECKING:
+    import pyarrow as pa
 
+    from atlas.store import Atlas
 
-def _latest_per(table: sa.Table, model_key: str, layer: int, head: int, group: sa.ColumnElement) -> Any:
-    """Rows of `table` for one head from the latest complete run per `group` (kind, concept)."""
-    newest = sa.func.dense_rank().over(partition_by=group, order_by=runs.c.finished_at.desc()).label("newest")
-    inner = (sa.select(table, runs.c.family, newest)
-             .select_from(table.join(runs, runs.c.run_id == table.c.run_id))
-             .where(runs.c.status == "complete", table.c.model_key == model_key,
-                    table.c.layer == layer, table.c.head == head)
-             .subquery())
-    return inner
+# One head's rows of `{table}` (alias t) from the latest complete run per `{group}` (kind, concept).
+LATEST_PER = """
+    SELECT t.*, r.family, dense_rank() OVER (PARTITION BY t.{group} ORDER BY r.finished_at DESC) AS newest
+    FROM {table} t JOIN runs r ON r.run_id = t.run_id
+    WHERE r.status = 'complete' AND t.model_key = ? AND t.layer = ? AND t.head = ?
+"""
 
 
 def head_card(atlas: Atlas, model: str, head_spec: str, top: int = 10) -> dict[str, Any]:
     """One head's card: identity, metrics with ranks, token readouts per kind, concept scores."""
     layer, head = parse_head(head_spec)
     model_key = resolve_model_key(atlas, model)
-    info = atlas.execute(sa.select(models).where(models.c.model_key == model_key)).to_pylist()[0]
+    info = atlas.execute("SELECT * FROM models WHERE model_key = ?", [model_key]).to_pylist()[0]
     if not (0 <= layer < info["n_layers"] and 0 <= head < info["n_heads"]):
         raise NotFound(f"{model} has no head {layer}.{head}",
                        f"layers 0..{info['n_layers'] - 1}, heads 0..{info['n_heads'] - 1}")
@@ -53,25 +46,18 @@ def head_card(atlas: Atlas, model: str, head_spec: str, top: int = 10) -> dict[s
 
 def head_metrics(atlas: Atlas, model_key: str, layer: int, head: int) -> pa.Table:
     """Every latest metric of the head with its rank (1 = highest value) among the model's heads."""
-    ranked = (sa.select(latest.c.layer, latest.c.head, latest.c.metric, latest.c.value, latest.c.stderr,
-                        latest.c.n,
-                        sa.func.rank().over(partition_by=latest.c.metric,
-                                            order_by=latest.c.value.desc()).label("rank"),
-                        sa.func.count().over(partition_by=latest.c.metric).label("of"))
-              .where(latest.c.model_key == model_key).subquery())
-    stmt = (sa.select(ranked.c.metric, ranked.c.value, ranked.c.stderr, ranked.c.n, ranked.c.rank, ranked.c.of)
-            .where(ranked.c.layer == layer, ranked.c.head == head).order_by(ranked.c.metric))
-    return atlas.execute(stmt)
+    return atlas.execute('SELECT metric, value, stderr, n, rank, "of" FROM latest_head_metrics '
+                         "WHERE model_key = ? AND layer = ? AND head = ? ORDER BY metric", [model_key, layer, head])
 
 
 def head_tokens(atlas: Atlas, model_key: str, layer: int, head: int, top: int) -> dict[str, pa.Table]:
     """{kind: table of rank, token_text, token_id, score} from the latest complete run per kind."""
-    t = schema.head_tokens
-    inner = _latest_per(t, model_key, layer, head, t.c.kind)
-    stmt = (sa.select(inner.c.kind, inner.c.rank, inner.c.token_text, inner.c.token_id, inner.c.score,
-                      inner.c.family)
-            .where(inner.c.newest == 1, inner.c.rank <= top).order_by(inner.c.kind, inner.c.rank))
-    table = atlas.execute(stmt)
+    import pyarrow.compute as pc
+
+    table = atlas.execute(f"""
+        SELECT kind, rank, token_text, token_id, score, family
+        FROM ({LATEST_PER.format(table="head_tokens", group="kind")})
+        WHERE newest = 1 AND rank <= ? ORDER BY kind, rank""", [model_key, layer, head, top])
     out: dict[str, pa.Table] = {}
     for kind in sorted(set(table.column("kind").to_pylist())):
         mask = pc.equal(table.column("kind"), kind)
@@ -81,15 +67,16 @@ def head_tokens(atlas: Atlas, model_key: str, layer: int, head: int, top: int) -
 
 def concept_scores(atlas: Atlas, model_key: str, layer: int, head: int, top: int) -> pa.Table:
     """Concept scores of the head (latest complete run per concept), best first."""
-    c = schema.concept_scores
-    inner = _latest_per(c, model_key, layer, head, c.c.concept)
-    stmt = (sa.select(inner.c.concept, inner.c.score, inner.c.rank, inner.c.family)
-            .where(inner.c.newest == 1).order_by(inner.c.score.desc()).limit(top))
-    return atlas.execute(stmt)
+    return atlas.execute(f"""
+        SELECT concept, score, rank, family
+        FROM ({LATEST_PER.format(table="concept_scores", group="concept")})
+        WHERE newest = 1 ORDER BY score DESC LIMIT ?""", [model_key, layer, head, top])
 
 
 def card_json(card: dict[str, Any]) -> dict[str, Any]:
     """The card with its Arrow tables as lists of rows."""
+    import pyarrow as pa
+
     return {**{k: v for k, v in card.items() if not isinstance(v, pa.Table | dict)},
             "metrics": card["metrics"].to_pylist(),
             "tokens": {kind: t.to_pylist() for kind, t in card["tokens"].items()},

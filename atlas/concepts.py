@@ -8,11 +8,13 @@ import sqlalchemy as sa
 
 from atlas import schema
 from atlas.errors import NotFound
-from atlas.queries import heads_view, models, resolve_model_key
+from atlas.queries import resolve_model_key
+from atlas.schema import heads_view
 from atlas.store import Atlas
 
 scores = schema.concept_scores
 runs = schema.runs
+models = schema.models
 
 
 def _latest_runs(model_key: str | None = None) -> sa.Subquery:

@@ -13,7 +13,8 @@ import sqlalchemy as sa
 
 from atlas import schema
 from atlas.errors import NotFound
-from atlas.queries import heads_view, resolve_model_key
+from atlas.queries import resolve_model_key
+from atlas.schema import heads_view
 from atlas.store import Atlas
 
 runs, models, tokens = schema.runs, schema.models, schema.head_tokens

@@ -1,18 +1,26 @@
-"""Read-only questions the CLI and the API ask of an atlas, built with SQLAlchemy Core."""
+"""Read-only questions the CLI and the API ask of an atlas.
+
+Plain SQL over the derived tables the writer keeps at ingest (atlas/schema.py): `latest_head_metrics`
+holds each head's latest value with its rank in its model, so a ranking reads the rows it returns
+instead of ranking the atlas's history on every call. No SQLAlchemy here: `atlas heads` starts fast.
+"""
 
 from __future__ import annotations
 
-import pyarrow as pa
-import sqlalchemy as sa
+from typing import TYPE_CHECKING
 
-from atlas import schema
 from atlas.errors import NotFound
-from atlas.store import Atlas
 
-latest = sa.table("latest_metrics", *(sa.column(c.name) for c in schema.head_metrics.columns))
-heads_view = sa.table("heads", sa.column("model_key"), sa.column("alias"), sa.column("layer"),
-                      sa.column("head"), sa.column("kv_head"), sa.column("depth"))
-models = schema.models
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from atlas.store import Atlas
+
+# kv_head and depth as the `heads` view computes them, from a latest_head_metrics row `l` and its models
+# row `m` (layer and head cast to BIGINT: the view's types, so results are the same column for column)
+HEAD_PLACE = """CAST(l.head AS BIGINT) // (m.n_heads // m.n_kv_heads) AS kv_head,
+    round(CASE WHEN m.n_layers > 1 THEN CAST(l.layer AS BIGINT) / (m.n_layers - 1) ELSE 0.0 END, 3) AS depth"""
+IN_MODEL = "l.layer >= 0 AND l.layer < m.n_layers AND l.head >= 0 AND l.head < m.n_heads"
 
 
 def resolve_metric(atlas: Atlas, name: str) -> str:
@@ -29,17 +37,15 @@ def resolve_metric(atlas: Atlas, name: str) -> str:
                    f"known metrics: {', '.join(known) or 'none yet - run atlas build'}")
 
 
-def model_filter(spec: str) -> sa.ColumnElement[bool]:
-    return sa.or_(models.c.alias == spec, models.c.model_key == spec,
-                  models.c.model_key.startswith(spec + "@", autoescape=True))  # a % or _ is itself
-
-
 def resolve_model_key(atlas: Atlas, spec: str) -> str:
-    keys = atlas.execute(sa.select(models.c.model_key).where(model_filter(spec))).column(0).to_pylist()
+    """The model an alias, a full key or a `name@` prefix names (matched exactly, never as a pattern)."""
+    keys = [r[0] for r in atlas.con.execute(
+        "SELECT model_key FROM models WHERE alias = ? OR model_key = ? OR starts_with(model_key, ?) ORDER BY 1",
+        [spec, spec, spec + "@"]).fetchall()]
     if len(keys) == 1:
         return keys[0]
-    known = atlas.execute(sa.select(models.c.alias, models.c.model_key)).to_pylist()
-    listing = ", ".join(f"{r['alias'] or '-'} ({r['model_key']})" for r in known) or "none yet"
+    known = atlas.con.execute("SELECT alias, model_key FROM models").fetchall()
+    listing = ", ".join(f"{alias or '-'} ({key})" for alias, key in known) or "none yet"
     if keys:
         raise NotFound(f"'{spec}' matches several models: {', '.join(keys)}", "pass the full model key")
     raise NotFound(f"no model '{spec}' in {atlas.path}", f"models in this atlas: {listing}")
@@ -47,59 +53,59 @@ def resolve_model_key(atlas: Atlas, spec: str) -> str:
 
 def rank_heads(atlas: Atlas, metric: str, model: str | None = None, top: int = 10,
                ascending: bool = False) -> pa.Table:
-    """Heads ordered by one metric (latest complete run), with kv_head and normalized depth."""
+    """Heads ordered by one metric (latest complete run), with kv_head and normalized depth.
+
+    Highest first reads the rank stored at ingest (rows with rank <= top); lowest first ranks the
+    metric's rows (of one model, or of every model) here."""
     metric_id = resolve_metric(atlas, metric)
-    value = latest.c.value
-    rank = sa.func.rank().over(partition_by=latest.c.model_key,
-                               order_by=value.asc() if ascending else value.desc())
-    stmt = (
-        sa.select(models.c.alias.label("model"), latest.c.layer, latest.c.head, heads_view.c.kv_head,
-                  sa.func.round(heads_view.c.depth, 3).label("depth"), latest.c.metric, value,
-                  latest.c.stderr, rank.label("rank"), latest.c.model_key)
-        .select_from(latest.join(models, models.c.model_key == latest.c.model_key)
-                     .join(heads_view, sa.and_(heads_view.c.model_key == latest.c.model_key,
-                                               heads_view.c.layer == latest.c.layer,
-                                               heads_view.c.head == latest.c.head)))
-        .where(latest.c.metric == metric_id)
-    )
+    where, params = ["l.metric = ?"], [metric_id]
     if model:
-        stmt = stmt.where(latest.c.model_key == resolve_model_key(atlas, model))
-    ranked = stmt.subquery()
-    final = (sa.select(ranked).where(ranked.c.rank <= top)
-             .order_by(ranked.c.model_key, ranked.c.rank, ranked.c.layer, ranked.c.head))
-    return atlas.execute(final)
+        where.append("l.model_key = ?")
+        params.append(resolve_model_key(atlas, model))
+    if ascending:
+        source = (f"(SELECT * EXCLUDE (rank), rank() OVER (PARTITION BY model_key ORDER BY value ASC) AS rank "
+                  f"FROM latest_head_metrics l WHERE {' AND '.join(where)})")
+    else:
+        source = "latest_head_metrics"
+    return atlas.execute(f"""
+        SELECT m.alias AS model, l.layer, l.head, {HEAD_PLACE}, l.metric, l.value, l.stderr, l.rank, l.model_key
+        FROM {source} l JOIN models m ON m.model_key = l.model_key
+        WHERE {' AND '.join(where)} AND l.rank <= ? AND {IN_MODEL}
+        ORDER BY l.model_key, l.rank, l.layer, l.head""", [*(params if ascending else []), *params, top])
 
 
 def list_models(atlas: Atlas) -> pa.Table:
-    runs = schema.runs
-    n_runs = (sa.select(sa.func.count()).where(runs.c.model_key == models.c.model_key,
-                                               runs.c.status == "complete").scalar_subquery())
-    stmt = sa.select(models.c.alias, models.c.model_key, models.c.architecture, models.c.n_layers,
-                     models.c.n_heads, models.c.n_kv_heads, models.c.d_head, models.c.format,
-                     models.c.quantization, n_runs.label("complete_runs")).order_by(models.c.model_key)
-    return atlas.execute(stmt)
+    return atlas.execute("""
+        SELECT m.alias, m.model_key, m.architecture, m.n_layers, m.n_heads, m.n_kv_heads, m.d_head, m.format,
+               m.quantization,
+               (SELECT count(*) FROM runs r WHERE r.model_key = m.model_key AND r.status = 'complete')
+                   AS complete_runs
+        FROM models m ORDER BY m.model_key""")
 
 
 def role_summary(atlas: Atlas, model: str | None = None, top: int = 5) -> pa.Table:
     """Per role (stored thresholds): how many heads pass, and the top heads with their scores."""
+    import pyarrow as pa
+
     model_key = resolve_model_key(atlas, model) if model else None
-    thresholds = schema.role_thresholds
-    roles = atlas.execute(sa.select(thresholds.c.metric, thresholds.c.threshold, thresholds.c.label)
-                          .order_by(thresholds.c.metric)).to_pylist()
+    roles = atlas.con.execute("SELECT metric, threshold, label FROM role_thresholds ORDER BY metric").fetchall()
     rows = []
-    for role in roles:
-        stmt = (sa.select(latest.c.model_key, latest.c.layer, latest.c.head, latest.c.value)
-                .where(latest.c.metric == role["metric"])
-                .order_by(latest.c.model_key, latest.c.value.desc()))
+    for metric, threshold, label in roles:
+        where, params = "metric = ?", [metric]
         if model_key:
-            stmt = stmt.where(latest.c.model_key == model_key)
-        by_model: dict[str, list[dict]] = {}
-        for row in atlas.execute(stmt).to_pylist():
-            by_model.setdefault(row["model_key"], []).append(row)
-        for key, heads in by_model.items():
-            rows.append({"role": role["label"], "metric": role["metric"], "threshold": role["threshold"],
-                         "model_key": key, "heads_above": sum(r["value"] > role["threshold"] for r in heads),
-                         "of": len(heads),
-                         "top_heads": ", ".join(f"{r['layer']}.{r['head']} ({r['value']:.2f})"
-                                                for r in heads[:top])})
+            where, params = where + " AND model_key = ?", [metric, model_key]
+        counts = atlas.con.execute(
+            f"SELECT model_key, count(*) FILTER (WHERE value > ? AND NOT isnan(value)), count(*) "
+            f"FROM latest_head_metrics WHERE {where} GROUP BY model_key ORDER BY model_key",
+            [threshold, *params]).fetchall()
+        best: dict[str, list[tuple[int, int, float]]] = {}
+        for key, layer, head, value in atlas.con.execute(
+                f"SELECT model_key, layer, head, value FROM latest_head_metrics WHERE {where} AND rank <= ? "
+                f"ORDER BY model_key, value DESC", [*params, top]).fetchall():
+            best.setdefault(key, []).append((layer, head, value))
+        for key, above, total in counts:
+            rows.append({"role": label, "metric": metric, "threshold": threshold, "model_key": key,
+                         "heads_above": above, "of": total,
+                         "top_heads": ", ".join(f"{layer}.{head} ({value:.2f})"
+                                                for layer, head, value in best.get(key, [])[:top])})
     return pa.Table.from_pylist(rows) if rows else pa.table({"role": pa.array([], pa.string())})

@@ -11,7 +11,10 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.schema import CreateTable
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Version 1 had no derived tables: a writer migrates such a file on open (Atlas._migrate), a reader
+# answers from per-query views over the history instead (Atlas._compat_views).
+READABLE_VERSIONS = (1, 2)
 DIALECT = postgresql.dialect(paramstyle="qmark")
 
 metadata = sa.MetaData()
@@ -146,6 +149,10 @@ role_thresholds = sa.Table(
     sa.Column("source", sa.String, nullable=False),
 )
 
+# The `heads` view for SQLAlchemy statements (atlas.concepts, atlas.lens_queries)
+heads_view = sa.table("heads", sa.column("model_key"), sa.column("alias"), sa.column("layer"),
+                      sa.column("head"), sa.column("kv_head"), sa.column("depth"))
+
 # Tables a shard may carry, in ingest order; all but `concepts` are keyed by run_id.
 SHARD_TABLES = ("head_metrics", "head_tokens", "concepts", "concept_scores", "edits", "run_metrics")
 
@@ -186,24 +193,64 @@ DEFAULT_THRESHOLDS = [
     ("retrieval.score", 0.1, "retrieval", "Wu et al. arXiv 2404.15574, score > 0.1"),
 ]
 
-VIEWS = {
-    # Latest complete run per (model, metric): re-running with a new config supersedes, history stays.
-    "latest_metrics": """
-        SELECT hm.* FROM head_metrics hm JOIN runs r USING (run_id)
-        WHERE r.status = 'complete'
-        QUALIFY row_number() OVER (
-            PARTITION BY hm.model_key, hm.metric, hm.layer, hm.head ORDER BY r.finished_at DESC) = 1
-    """,
-    "heads": """
+# -- derived tables: what "latest complete run" means, kept by the single writer at ingest --------------
+# They are not in `metadata` (no shard carries them, exports skip them): atlas.store fills them from the
+# history tables for the (model, metric) pairs an ingest touches, so a read costs what its answer holds,
+# not what the atlas has ever stored. `Atlas.rebuild_derived()` recomputes them all from the history.
+
+HEAD_COLUMNS = ("model_key", "alias", "layer", "head", "kv_head", "depth", "n_layers", "n_heads", "n_kv_heads")
+
+
+def heads_select(models_from: str = "models") -> str:
+    """Every head of the models in `models_from` (a table or a subquery aliasing `models`) with kv_head
+    and depth: the body of the version 1 `heads` view, kept verbatim so its column types stay."""
+    return f"""
         SELECT m.model_key, m.alias, l.layer, h.head,
                h.head // (m.n_heads // m.n_kv_heads) AS kv_head,
                CASE WHEN m.n_layers > 1 THEN l.layer / (m.n_layers - 1) ELSE 0.0 END AS depth,
                m.n_layers, m.n_heads, m.n_kv_heads
-        FROM models m,
-             (SELECT model_key, unnest(range(n_layers)) AS layer FROM models) l,
-             (SELECT model_key, unnest(range(n_heads)) AS head FROM models) h
+        FROM {models_from} m,
+             (SELECT model_key, unnest(range(n_layers)) AS layer FROM {models_from}) l,
+             (SELECT model_key, unnest(range(n_heads)) AS head FROM {models_from}) h
         WHERE l.model_key = m.model_key AND h.model_key = m.model_key
-    """,
+    """
+
+
+def latest_select(where: str = "") -> str:
+    """The latest complete run's row per (model, metric, layer, head), with the head's rank (1 = highest
+    value, SQL rank(): ties share) and the number of heads ranked, within its model and metric.
+    `where` filters head_metrics (alias hm) before the window, e.g. to one model's metrics.
+    Ties on finished_at go to the larger run_id, so the answer never depends on scan order."""
+    return f"""
+        SELECT run_id, model_key, layer, head, metric, value, n, stderr,
+               rank() OVER (PARTITION BY model_key, metric ORDER BY value DESC) AS rank,
+               count(*) OVER (PARTITION BY model_key, metric) AS "of"
+        FROM (SELECT hm.* FROM head_metrics hm JOIN runs r USING (run_id)
+              WHERE r.status = 'complete' {where}
+              QUALIFY row_number() OVER (PARTITION BY hm.model_key, hm.metric, hm.layer, hm.head
+                                         ORDER BY r.finished_at DESC, hm.run_id DESC) = 1)
+    """
+
+
+DERIVED_TABLES = {
+    # the latest value of every (model, metric, head), clustered by model (inserted model by model)
+    "latest_head_metrics": """CREATE TABLE latest_head_metrics (
+        run_id VARCHAR NOT NULL, model_key VARCHAR NOT NULL, layer INTEGER NOT NULL, head INTEGER NOT NULL,
+        metric VARCHAR NOT NULL, value DOUBLE NOT NULL, n BIGINT, stderr DOUBLE,
+        rank BIGINT NOT NULL, "of" BIGINT NOT NULL)""",
+    # which metrics / concepts each run stored (and how many rows): small, read instead of the history
+    "metric_runs": """CREATE TABLE metric_runs (
+        run_id VARCHAR NOT NULL, model_key VARCHAR NOT NULL, metric VARCHAR NOT NULL, rows BIGINT NOT NULL)""",
+    "concept_runs": """CREATE TABLE concept_runs (
+        run_id VARCHAR NOT NULL, model_key VARCHAR NOT NULL, concept VARCHAR NOT NULL, rows BIGINT NOT NULL)""",
+    # every head of every model (the heads view's columns) and one DOUBLE column per metric id
+    "head_roles_wide": f"CREATE TABLE head_roles_wide AS {heads_select()} LIMIT 0",
+}
+
+VIEWS = {
+    # Latest complete run per (model, metric, head): re-running with a new config supersedes, history stays.
+    "latest_metrics": "SELECT run_id, model_key, layer, head, metric, value, n, stderr FROM latest_head_metrics",
+    "heads": f"SELECT {', '.join(HEAD_COLUMNS)} FROM head_roles_wide",
     "head_labels": """
         SELECT lm.model_key, lm.layer, lm.head, t.label, lm.metric, lm.value, t.threshold
         FROM latest_metrics lm JOIN role_thresholds t USING (metric)
@@ -211,22 +258,33 @@ VIEWS = {
     """,
 }
 
+# Version 1 files opened read-only: the derived tables as views over the history (as version 1 computed
+# them on every query), created TEMP on the reader's own connection; nothing is written to the file.
+COMPAT_VIEWS = {
+    "latest_head_metrics": latest_select(),
+    "metric_runs": "SELECT run_id, any_value(model_key) AS model_key, metric, count(*) AS rows "
+                   "FROM head_metrics GROUP BY run_id, metric",
+    "concept_runs": "SELECT run_id, any_value(model_key) AS model_key, concept, count(*) AS rows "
+                    "FROM concept_scores GROUP BY run_id, concept",
+    "head_roles_wide": "SELECT * FROM main.head_roles",
+}
+
 
 def create_statements() -> list[str]:
     return [str(CreateTable(t).compile(dialect=DIALECT)).strip() for t in metadata.sorted_tables]
 
 
+def wide_columns(metric_ids: list[str]) -> list[str]:
+    """Metric ids that can be columns of the wide view, sorted (a quote in an id keeps it out)."""
+    return sorted(m for m in metric_ids if "'" not in m and '"' not in m)
+
+
 def head_roles_view(metric_ids: list[str]) -> str:
-    """Wide view: one row per head, one column per metric. Rebuilt by the writer as metrics appear."""
-    base = "SELECT h.*"
-    if metric_ids:
-        cols = ", ".join(f"'{m}'" for m in sorted(metric_ids) if "'" not in m)
-        pivot = (
-            f"(PIVOT (SELECT model_key, layer, head, metric, value FROM latest_metrics) "
-            f"ON metric IN ({cols}) USING first(value) GROUP BY model_key, layer, head)"
-        )
-        return (
-            f"CREATE OR REPLACE VIEW head_roles AS {base}, p.* EXCLUDE (model_key, layer, head) "
-            f"FROM heads h LEFT JOIN {pivot} p USING (model_key, layer, head)"
-        )
-    return f"CREATE OR REPLACE VIEW head_roles AS {base} FROM heads h"
+    """Wide view: one row per head, one column per metric (sorted), read from head_roles_wide."""
+    columns = [*HEAD_COLUMNS, *(f'"{m}"' for m in wide_columns(metric_ids))]
+    return f"CREATE OR REPLACE VIEW head_roles AS SELECT {', '.join(columns)} FROM head_roles_wide"
+
+
+def sql_text(value: str) -> str:
+    """A SQL string literal (PIVOT takes no parameters): quotes doubled."""
+    return "'" + value.replace("'", "''") + "'"

@@ -13,18 +13,21 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import duckdb
-import pyarrow as pa
-import sqlalchemy as sa
-from sqlalchemy.sql.compiler import SQLCompiler
 
-from atlas import schema
 from atlas.errors import BadInput, Busy, NotFound, SchemaMismatch
-from atlas.records import RunRecord
+
+if TYPE_CHECKING:  # imported where used: a read answers without SQLAlchemy, pydantic or the schema module
+    import pyarrow as pa
+    import sqlalchemy as sa
+
+    from atlas.records import RunRecord
 
 LOCK_MARKERS = ("Could not set lock", "Conflicting lock")
+SCHEMA_VERSION = 2  # atlas.schema.SCHEMA_VERSION; here too so opening a file needs no SQLAlchemy
+READABLE_VERSIONS = (1, 2)
 
 
 def _connect(path: Path, read_only: bool, wait_s: float) -> duckdb.DuckDBPyConnection:
@@ -88,6 +91,8 @@ class Atlas:
 
     # -- schema ---------------------------------------------------------------------------
     def _create(self) -> None:
+        from atlas import schema
+
         with self.transaction():
             for ddl in schema.create_statements():
                 self.con.execute(ddl)
@@ -95,9 +100,16 @@ class Atlas:
                              [str(schema.SCHEMA_VERSION)])
             self.con.executemany("INSERT INTO role_thresholds VALUES (?, ?, ?, ?)",
                                  schema.DEFAULT_THRESHOLDS)
-            for name, body in schema.VIEWS.items():
-                self.con.execute(f"CREATE VIEW {name} AS {body}")
-            self.con.execute(schema.head_roles_view([]))
+            self._create_derived()
+
+    def _create_derived(self) -> None:
+        from atlas import schema
+
+        for ddl in schema.DERIVED_TABLES.values():
+            self.con.execute(ddl)
+        for name, body in schema.VIEWS.items():
+            self.con.execute(f"CREATE OR REPLACE VIEW {name} AS {body}")
+        self.con.execute(schema.head_roles_view([]))
 
     def _check_version(self) -> None:
         try:
@@ -107,12 +119,58 @@ class Atlas:
             raise SchemaMismatch(f"{self.path} is a DuckDB file but not a head-atlas",
                                  "pass --db with an atlas file, or a new path to create one") from exc
         found = int(rows[0][0]) if rows else -1
-        if found != schema.SCHEMA_VERSION:
+        if found not in READABLE_VERSIONS:
             raise SchemaMismatch(
-                f"{self.path} has atlas schema version {found}; this head-atlas reads version "
-                f"{schema.SCHEMA_VERSION}",
+                f"{self.path} has atlas schema version {found}; this head-atlas reads versions "
+                f"{', '.join(map(str, READABLE_VERSIONS))}",
                 "export it with the head-atlas version that wrote it, or build into a new --db",
             )
+        if found < SCHEMA_VERSION:
+            if self.read_only:
+                self._compat_views()
+            else:
+                self._migrate()
+
+    def _migrate(self) -> None:
+        """Version 1 -> 2, in the single writer, in one transaction: derive the latest-run tables
+        and the wide table from the history (once; ingests keep them current from then on)."""
+        from atlas import schema
+
+        with self.transaction():
+            for name in ("head_roles", "head_labels", "latest_metrics", "heads"):
+                self.con.execute(f"DROP VIEW IF EXISTS {name}")
+            self._create_derived()
+            self._fill_derived()
+            self.con.execute("UPDATE atlas_meta SET value = ? WHERE key = 'schema_version'",
+                             [str(schema.SCHEMA_VERSION)])
+
+    def _compat_views(self) -> None:
+        """A version 1 file opened read-only: the derived tables as TEMP views over the history on this
+        connection only (as slow as version 1 was; open it once with a writer to migrate it)."""
+        from atlas import schema
+
+        for name, body in schema.COMPAT_VIEWS.items():
+            self.con.execute(f"CREATE OR REPLACE TEMP VIEW {name} AS {body}")
+
+    def rebuild_derived(self) -> None:
+        """Recompute every derived table from the history tables (they are a cache of them)."""
+        self._require_writer()
+        with self.transaction():
+            for name in ("latest_head_metrics", "metric_runs", "concept_runs", "head_roles_wide"):
+                self.con.execute(f"DROP TABLE {name}")
+            self._create_derived()
+            self._fill_derived()
+
+    def _fill_derived(self) -> None:
+        from atlas import schema
+
+        self.con.execute("INSERT INTO metric_runs SELECT run_id, any_value(model_key), metric, count(*) "
+                         "FROM head_metrics GROUP BY run_id, metric ORDER BY run_id, metric")
+        self.con.execute("INSERT INTO concept_runs SELECT run_id, any_value(model_key), concept, count(*) "
+                         "FROM concept_scores GROUP BY run_id, concept ORDER BY run_id, concept")
+        self.con.execute(f"INSERT INTO latest_head_metrics {schema.latest_select()} "
+                         "ORDER BY model_key, metric, layer, head")
+        self._refresh_wide(None)
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
@@ -129,12 +187,18 @@ class Atlas:
         """Run a SQLAlchemy Core statement (or trusted SQL text) and return Arrow."""
         if isinstance(stmt, str):
             return self._arrow(stmt, list(params))
+        from sqlalchemy.sql.compiler import SQLCompiler
+
+        from atlas import schema
+
         compiled = stmt.compile(dialect=schema.DIALECT, compile_kwargs={"render_postcompile": True})
         assert isinstance(compiled, SQLCompiler)  # a statement, not DDL: it has positional parameters
         values = [compiled.params[name] for name in (compiled.positiontup or [])]
         return self._arrow(str(compiled), values)
 
     def _arrow(self, sql: str, params: list[Any]) -> pa.Table:
+        import pyarrow as pa
+
         relation = self.con.sql(sql, params=params or None)
         return relation.to_arrow_table() if relation is not None else pa.table({})
 
@@ -159,13 +223,13 @@ class Atlas:
     def completed_runs(self, run_ids: Sequence[str]) -> set[str]:
         if not run_ids:
             return set()
-        stmt = sa.select(schema.runs.c.run_id).where(
-            schema.runs.c.run_id.in_(list(run_ids)), schema.runs.c.status == "complete")
-        return set(self.execute(stmt).column("run_id").to_pylist())
+        found = self.con.execute("SELECT run_id FROM runs WHERE status = 'complete' AND list_contains(?, run_id)",
+                                 [list(run_ids)]).fetchall()
+        return {row[0] for row in found}
 
     def metric_ids(self) -> list[tuple[str]]:
-        """Rows of one column: every metric id in head_metrics, sorted."""
-        return self.con.execute("SELECT DISTINCT metric FROM head_metrics ORDER BY 1").fetchall()
+        """Rows of one column: every metric id in head_metrics, sorted (from the small metric_runs index)."""
+        return self.con.execute("SELECT DISTINCT metric FROM metric_runs ORDER BY 1").fetchall()
 
     # -- writes ---------------------------------------------------------------------------
     def _require_writer(self) -> None:
@@ -183,8 +247,12 @@ class Atlas:
 
         The Parquet files are read here, in Python (pyarrow), and handed to DuckDB as Arrow: the
         server's DuckDB instance has no file access at all (see `sandbox`), and the ingest is
-        the same with or without a server."""
+        the same with or without a server. The derived tables are brought up to date for this
+        run's model and metrics in the same transaction, so no reader sees one without the other."""
         import pyarrow.parquet as pq
+
+        from atlas import schema
+        from atlas.records import RunRecord
 
         self._require_writer()
         shard = Path(shard_dir)
@@ -194,6 +262,7 @@ class Atlas:
                   if (shard / f"{name}.parquet").exists()}  # read before the transaction: short window
         rows = 0
         with self.transaction():
+            touched = self._run_metrics(run.run_id)  # what the run held before: a re-ingest may drop a metric
             self._replace_row(schema.models, model)
             self._replace_row(schema.runs, run.row())
             for name, table in tables.items():
@@ -204,21 +273,84 @@ class Atlas:
                     else:
                         self.con.execute(f"DELETE FROM {name} WHERE run_id = ?", [run.run_id])
                         self.con.execute(f"INSERT INTO {name} BY NAME SELECT * FROM _shard")
+                        self._index_run(name, run.run_id, run.model_key)
                 finally:
                     self.con.unregister("_shard")
                 rows += table.num_rows
-            metrics = [r[0] for r in self.con.execute(
-                "SELECT DISTINCT metric FROM head_metrics").fetchall()]
-            self.con.execute(schema.head_roles_view(metrics))
+            self._refresh(run.model_key, touched | self._run_metrics(run.run_id))
         return rows
 
     def record_failure(self, run: RunRecord, model: dict[str, Any] | None) -> None:
         """Keep a failed unit visible (status + error) without touching its earlier results."""
+        from atlas import schema
+
         self._require_writer()
         with self.transaction():
             if model is not None:
                 self._replace_row(schema.models, model)
             self._replace_row(schema.runs, run.row())
+            self._refresh(run.model_key, self._run_metrics(run.run_id))  # its rows may have been the latest
+
+    # -- derived tables (see atlas/schema.py): kept by the writer, inside the ingest's transaction ---------
+    def _run_metrics(self, run_id: str) -> set[str]:
+        return {r[0] for r in self.con.execute("SELECT metric FROM metric_runs WHERE run_id = ?", [run_id]).fetchall()}
+
+    def _index_run(self, table: str, run_id: str, model_key: str) -> None:
+        """Note which metrics / concepts the shard `_shard` brought for this run, and how many rows."""
+        index, column = {"head_metrics": ("metric_runs", "metric"),
+                         "concept_scores": ("concept_runs", "concept")}.get(table, (None, None))
+        if index is None:
+            return
+        self.con.execute(f"DELETE FROM {index} WHERE run_id = ?", [run_id])
+        self.con.execute(f"INSERT INTO {index} SELECT ?, ?, {column}, count(*) FROM _shard "
+                         f"GROUP BY {column} ORDER BY {column}", [run_id, model_key])
+
+    def _refresh(self, model_key: str, metrics: set[str]) -> None:
+        """Recompute the latest values (with ranks) of one model's `metrics`, then its wide rows: the
+        cost is that model's history of those metrics, whatever the rest of the atlas holds."""
+        from atlas import schema
+
+        if metrics:
+            chosen = sorted(metrics)
+            self.con.execute("DELETE FROM latest_head_metrics WHERE model_key = ? AND list_contains(?, metric)",
+                             [model_key, chosen])
+            self.con.execute(
+                f"INSERT INTO latest_head_metrics "
+                f"{schema.latest_select('AND hm.model_key = ? AND list_contains(?, hm.metric)')} "
+                f"ORDER BY metric, layer, head", [model_key, chosen])
+        self._refresh_wide(model_key)
+
+    def _refresh_wide(self, model_key: str | None) -> None:
+        """Rewrite the wide rows of one model (None: every model), adding a column for a new metric."""
+        from atlas import schema
+
+        have = {r[0] for r in self.con.execute(
+            "SELECT column_name FROM duckdb_columns() WHERE table_name = 'head_roles_wide' "
+            "AND schema_name = 'main' AND database_name = current_database()").fetchall()}
+        metrics = schema.wide_columns([r[0] for r in self.metric_ids()])
+        added = [m for m in metrics if m not in have]
+        for metric in added:
+            self.con.execute(f'ALTER TABLE head_roles_wide ADD COLUMN "{metric}" DOUBLE')
+        if added or model_key is None:
+            self.con.execute(schema.head_roles_view(metrics))
+        if model_key is None:
+            self.con.execute("DELETE FROM head_roles_wide")
+            models_from, latest_where = "models", ""
+        else:
+            self.con.execute("DELETE FROM head_roles_wide WHERE model_key = ?", [model_key])
+            key = schema.sql_text(model_key)
+            models_from = f"(SELECT * FROM models WHERE model_key = {key})"
+            latest_where = f"WHERE model_key = {key}"
+        heads = schema.heads_select(models_from)
+        if not metrics:
+            self.con.execute(f"INSERT INTO head_roles_wide BY NAME {heads} ORDER BY m.model_key, l.layer, h.head")
+            return
+        listed = ", ".join(schema.sql_text(m) for m in metrics)
+        pivot = (f"(PIVOT (SELECT model_key, layer, head, metric, value FROM latest_head_metrics {latest_where}) "
+                 f"ON metric IN ({listed}) USING first(value) GROUP BY model_key, layer, head)")
+        self.con.execute(f"INSERT INTO head_roles_wide BY NAME SELECT h.*, p.* EXCLUDE (model_key, layer, head) "
+                         f"FROM ({heads}) h LEFT JOIN {pivot} p USING (model_key, layer, head) "
+                         f"ORDER BY h.model_key, h.layer, h.head")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -227,6 +359,8 @@ def _one_line(exc: BaseException) -> str:
 
 def _to_sql(column: sa.Column, value: Any) -> Any:
     """Shard manifests are JSON: turn their strings back into the column's type."""
+    import sqlalchemy as sa
+
     if value is None:
         return None
     if isinstance(column.type, sa.JSON) and not isinstance(value, str):

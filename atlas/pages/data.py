@@ -15,11 +15,15 @@ from atlas.errors import BadInput, NotFound
 
 MAX_INDEX = 2**31 - 1  # layer and head numbers past this are not numbers of any model
 
-# Latest complete run per (model, concept), as latest_metrics does for metrics.
+# Latest complete run per (model, concept), as latest_metrics does for metrics: the run is picked from
+# the small concept_runs index the writer keeps (schema.LATEST_CONCEPT_RUNS), so only its rows are read.
 LATEST_CONCEPTS = """
-    SELECT cs.* FROM concept_scores cs JOIN runs r USING (run_id)
-    WHERE r.status = 'complete'
-    QUALIFY dense_rank() OVER (PARTITION BY cs.model_key, cs.concept ORDER BY r.finished_at DESC, r.run_id) = 1
+    SELECT cs.* FROM concept_scores cs
+    JOIN (SELECT cr.run_id, cr.concept FROM concept_runs cr JOIN runs r USING (run_id)
+          WHERE r.status = 'complete'
+          QUALIFY row_number() OVER (PARTITION BY cr.model_key, cr.concept
+                                     ORDER BY r.finished_at DESC, r.run_id) = 1) lr
+      ON lr.run_id = cs.run_id AND lr.concept = cs.concept
 """
 
 
