@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from workers.families.ablation import AblationFamily
 from workers.families.base import Family, FamilyResult
+from workers.families.circuits import CircuitsFamily
 from workers.families.lens import LensFamily
 from workers.families.patterns import PatternsFamily
 from workers.families.pursuit import PursuitFamily
 from workers.families.retrieval import RetrievalFamily
 
 FAMILIES: dict[str, Family] = {family.name: family for family in (
-    PatternsFamily(), LensFamily(), AblationFamily(), PursuitFamily(), RetrievalFamily())}
+    PatternsFamily(), LensFamily(), AblationFamily(), PursuitFamily(), RetrievalFamily(), CircuitsFamily())}
 
 
 def _load_plugins() -> None:
