@@ -21,6 +21,7 @@ API other families use:
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import re
@@ -233,3 +234,91 @@ def word_pattern(concept: Concept) -> re.Pattern[str]:
 def count_concept_words(text: str, concept: Concept) -> int:
     """Whole-word, case-insensitive occurrences of the concept's words (multi-token words included)."""
     return len(word_pattern(concept).findall(text))
+
+
+# -- control dictionaries ----------------------------------------------------------------------
+CONTROL_WINDOW = 32  # a control id is drawn from this many same-kind word tokens nearest in id rank
+_WORD = re.compile(r"^[A-Za-z]+$")
+_SPACE_MARKS = ("\u0120", "\u2581", " ")  # byte-level BPE's 'Ġ', SentencePiece's '▁', a plain space
+
+
+def token_kind(token: str) -> tuple[bool, bool] | None:
+    """(leading space, capitalized) for a word-like token string (ASCII letters, optionally after a
+    space mark), else None: the shape a control token must share with the concept token it stands for."""
+    spaced = token.startswith(_SPACE_MARKS)
+    word = token[1:] if spaced else token
+    if not _WORD.match(word):
+        return None
+    return spaced, word[0].isupper()
+
+
+@dataclass
+class ControlDraw:
+    """Control dictionaries for one concept, with how they were drawn (for the run config)."""
+
+    ids: list[list[int]]
+    matched: int  # concept ids whose control came from same-kind word tokens near in id rank
+    fallback: int  # concept ids with no such token left: drawn from the whole non-special vocabulary
+
+
+class ControlPools:
+    """A tokenizer's word tokens grouped by kind (`token_kind`), in id order: built once per run."""
+
+    def __init__(self, tokenizer: Any, n_vocab: int) -> None:
+        upper = min(n_vocab, len(tokenizer))
+        self.special = set(tokenizer.all_special_ids)
+        self.n_vocab = n_vocab
+        self.kinds = [token_kind(str(tok)) for tok in tokenizer.convert_ids_to_tokens(list(range(upper)))]
+        self.pools: dict[tuple[bool, bool], list[int]] = {}
+        for i, kind in enumerate(self.kinds):
+            if kind is not None and i not in self.special:
+                self.pools.setdefault(kind, []).append(i)
+
+    def kind(self, token_id: int) -> tuple[bool, bool] | None:
+        return self.kinds[token_id] if token_id < len(self.kinds) else None
+
+
+def control_token_ids(pools: ControlPools, concept_ids: list[int], n: int, seed: str,
+                      window: int = CONTROL_WINDOW) -> ControlDraw:
+    """n random dictionaries of len(concept_ids) ids each, disjoint from the concept's ids.
+
+    Each concept id is stood for by a word token of the same kind (`token_kind`: leading space,
+    capitalization) drawn among the `window` such tokens nearest to it in id order, a frequency proxy
+    (BPE vocabularies are built in merge order, so lower ids are the more frequent strings). Without
+    this, controls drawn from the whole vocabulary were mostly byte, sub-word, special and unused ids,
+    whose unembedding rows a head's output does not resemble, which made every control easy to beat.
+    Tokenizers without enough word tokens of a kind (tiny word-level test vocabularies) fall back to
+    the whole non-special vocabulary for those ids; both counts are returned."""
+    import torch
+
+    gen = torch_generator(seed)
+    concept = set(concept_ids)
+    draws: list[list[int]] = []
+    matched = fallback = 0
+    for d in range(n):
+        taken = set(concept)
+        draw: list[int] = []
+        for cid in concept_ids:
+            kind = pools.kind(cid)
+            pool = pools.pools.get(kind, []) if kind is not None else []
+            at = bisect.bisect_left(pool, cid)
+            near = [i for _, i in sorted((abs(i - cid), i) for i in pool[max(0, at - 2 * window):at + 2 * window]
+                                         if i not in taken)][:window]
+            if near:
+                pick = near[int(torch.randint(len(near), (), generator=gen))]
+                matched += d == 0
+            else:
+                free = [i for i in range(pools.n_vocab) if i not in taken and i not in pools.special]
+                pick = free[int(torch.randint(len(free), (), generator=gen))]
+                fallback += d == 0
+            taken.add(pick)
+            draw.append(pick)
+        draws.append(draw)
+    return ControlDraw(draws, matched, fallback)
+
+
+def torch_generator(seed: str) -> Any:
+    """A torch.Generator seeded from a string (stable across processes)."""
+    import torch
+
+    return torch.Generator().manual_seed(int(hashlib.sha256(seed.encode()).hexdigest()[:15], 16))

@@ -4,12 +4,16 @@ Per head: its direct write into the residual stream z_h W_O^h (through the post-
 Gemma 2/3: `BoundAdapter.w_write`, `write_scale`), mean-pooled over each sample's prompt tokens
 (BOS excluded); the samples are the training prompts of every concept in the run.
 Per (head, concept): centred SOMP over the concept-restricted dictionary D = W_U diag(gamma) (the
-final-norm gain folded in, rows L2-normalised; `concept_rows`) for T = min(steps, |tokens|) steps.
+final-norm gain folded in, rows L2-normalised; `concept_rows`) for T = min(steps, max_step_fraction x
+|tokens|) steps (at T = |tokens| the span is the whole dictionary whatever SOMP picks: months,
+weekdays, cities and emotions have fewer than 50 tokens on SmolLM2).
 EVR in [0, 1] = the share of the head's output variance inside the span of the selected atoms.
 The ranking score (default `ranking=specificity`) is EVR(concept) - mean EVR(random dictionaries of
 the same size), in [-1, 1], higher = more concept-specific; rank 1 = the most specialized head. Why:
 on SmolLM2 (tied embeddings) the layer-0 heads reach the same raw EVR on random-token dictionaries as
 on any concept's (0.44 vs 0.46 for animals), so raw EVR ranked them first for every concept. Raw
+The control dictionaries stand each concept token by a word token of the same kind and similar id
+rank (`workers.concepts.control_token_ids`), not by any vocabulary id. Raw
 EVR and the control EVR are kept in `head_metrics` (`pursuit.evr.<concept>`, `pursuit.evr_control.<concept>`).
 
 Stored: `concept_scores` (EVR and rank per head and concept), `concepts` (the word lists),
@@ -17,8 +21,7 @@ Stored: `concept_scores` (EVR and rank per head and concept), `concepts` (the wo
 the EVR each atom added; l2 criterion on a rank-truncated covariance and a candidate shortlist,
 see `readout`), `edits` and `run_metrics` (the verification, workers/families/pursuit/editing.py).
 
-Failure cases: EVR is not comparable across concepts (dictionary sizes differ, and T close to the
-number of concept tokens makes SOMP project onto the whole concept span); a head writing many
+Failure cases: EVR is not comparable across concepts (dictionary sizes and T differ); a head writing many
 unrelated tokens can score high on a large dictionary (the control corrects for it on average, with
 the noise of a few random draws); samples are short templated prompts.
 """
@@ -29,14 +32,14 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
 from atlas.errors import BadInput
 from workers.adapters import norm_gain
-from workers.concepts import Concept, load_concepts, tokenize_concept
+from workers.concepts import CONTROL_WINDOW, Concept, ControlPools, control_token_ids, load_concepts, tokenize_concept
 from workers.corpora import load_corpus
 from workers.families.base import FamilyResult
 from workers.families.pursuit.somp import CRITERIA, CovarianceAccumulator, centred, somp_heads
@@ -65,8 +68,9 @@ VERIFY_GRIDS = {
 
 class PursuitFamily:
     name = "pursuit"
-    version = 4  # 2: Gemma 2/3 post-attention norm in the head write, specificity ranking; 3: LayerNorm
-    # models' head writes centred (readable_write); 4: the small grid measures the corpus loss at the largest k
+    version = 5  # 2: Gemma 2/3 post-attention norm in the head write, specificity ranking; 3: LayerNorm
+    # models' head writes centred (readable_write); 4: the small grid measures the corpus loss at the largest k;
+    # 5: T capped at max_step_fraction of the dictionary, controls drawn from same-kind word tokens (issue 14 item 5)
     stores = ("concepts", "concept_scores", "head_metrics", "head_tokens", "edits", "run_metrics")
 
     options = (
@@ -75,7 +79,11 @@ class PursuitFamily:
                choices=CRITERIA),
         Option("verify", "str", "small", "editing-check grid: small, standard, full or off",
                choices=(*VERIFY_GRIDS, "off")),
-        Option("steps", "int", 50, "SOMP steps T per (head, concept)", min=1, max=10_000),
+        Option("steps", "int", 50, "SOMP steps T per (head, concept), at most max_step_fraction of the dictionary",
+               min=1, max=10_000),
+        Option("max_step_fraction", "float", 0.5,
+               "cap T at this fraction of the concept's dictionary (1.0: T may select every atom)",
+               min=0.01, max=1.0),
         Option("ranking", "str", "specificity", "rank by EVR minus control EVR (specificity) or raw EVR",
                choices=("specificity", "evr")),
         Option("control_dictionaries", "int", 2, "random-token control dictionaries per concept", min=0, max=100),
@@ -109,8 +117,14 @@ class PursuitFamily:
                         "counted in generations"),
         "samples": "the first samples_per_concept training prompts of every concept in the run, BOS prepended",
         "score": "specificity: EVR(concept) - mean EVR(control dictionaries); evr: EVR",
-        "control_draw": ("uniform single token ids from the whole vocabulary, minus the concept's ids, same count as "
-                         "the concept's; seeded by (seed, concept, draw); same T and criterion"),
+        "control_draw": ("per concept id, a word token (ASCII letters) of the same kind (leading space, capitalized) "
+                         "drawn among the `window` such tokens nearest in id rank (a frequency proxy: BPE merge "
+                         "order), minus the concept's ids, no repeats within a dictionary; the whole non-special "
+                         "vocabulary where a kind has none (counted in concept_tokens.control_fallback); seeded by "
+                         "(seed, concept); same T and criterion"),
+        "steps": ("T = max(1, min(steps, floor(max_step_fraction x |dictionary|))), per concept in "
+                  "concept_tokens.<name>.steps: at T = |dictionary| SOMP spans the whole dictionary and selects "
+                  "nothing"),
         "pool": "mean over prompt tokens, BOS excluded",
         "head_write": ("z W_O^h; after a post-attention norm (Gemma 2/3): gamma_post * z W_O^h / rms(attention "
                        "output) per token, the gain folded into W_O and 1/rms into the pooling weights"),
@@ -133,7 +147,9 @@ class PursuitFamily:
             "steps": steps,
             "samples_per_concept": o["samples_per_concept"],
             "ranking": ranking,
-            "control": {"dictionaries": n_control if ranking == "specificity" else 0},
+            "max_step_fraction": o["max_step_fraction"],
+            "control": {"dictionaries": n_control if ranking == "specificity" else 0,
+                        "draw": "word_tokens_same_kind_id_rank", "window": CONTROL_WINDOW},
             "centering": True, "atom_order": "selection",
             "readout": {"atoms": o["readout_atoms"], "criterion": "l2",
                         "shortlist_rank": o["readout_rank"], "candidates": o["readout_candidates"]},
@@ -171,7 +187,7 @@ class PursuitFamily:
         log.info("ranked %d concepts in %.1fs", len(usable), time.perf_counter() - t0)
         readout_rows, kept = readout(lm, acc, w_o, gain, config["readout"], n_heads)
         log.info("readout done at %.1fs", time.perf_counter() - t0)
-        token_info = {c.name: tokens[c.name].summary() for c in concepts}
+        token_info = {c.name: {**tokens[c.name].summary(), **ranking.setup.get(c.name, {})} for c in concepts}
         run_metrics = [{"metric": f"pursuit.tokens.{name}", "value": float(info["n_tokens"]),
                         "detail": json.dumps(info)}
                        for name, info in token_info.items()]
@@ -197,6 +213,14 @@ class Ranking:
     logit_lens: dict[str, torch.Tensor]  # concept -> (layers, heads) the logit-lens baseline score
     rows: list[dict[str, Any]]  # concept_scores rows
     metric_rows: list[dict[str, Any]]  # head_metrics rows: raw and control EVR
+    setup: dict[str, dict[str, Any]] = field(default_factory=dict)  # concept -> T and how controls were drawn
+
+
+def pursuit_steps(config: dict[str, Any], n_ids: int) -> int:
+    """T for a dictionary of n_ids atoms: at most `steps` and at most max_step_fraction of n_ids (at
+    least 1). At T = n_ids SOMP projects onto the whole dictionary's span and selects nothing."""
+    fraction = config.get("max_step_fraction", 1.0)
+    return max(1, min(config["steps"], int(fraction * n_ids)))
 
 
 def stacked_w_o(lm: LoadedModel) -> torch.Tensor:
@@ -225,14 +249,25 @@ def rank_concepts(lm: LoadedModel, flat: torch.Tensor, w_o: torch.Tensor, acc: C
     n_layers, n_heads = lm.adapter.n_layers, lm.adapter.n_heads
     n_vocab = lm.adapter.unembed.weight.shape[0]
     x = centred(flat) if config["criterion"] == "l1" else acc.factor()[0]
-    n_control = config.get("control", {}).get("dictionaries", 0)
+    control_cfg = config.get("control", {})
+    n_control = control_cfg.get("dictionaries", 0)
     out = Ranking({}, {}, [], [])
+    matched_draw = control_cfg.get("draw") == "word_tokens_same_kind_id_rank" and n_control > 0
+    pools = ControlPools(lm.tokenizer, n_vocab) if matched_draw else None
     for name, ids in concepts:
-        result = somp_heads(x, w_o, concept_rows(lm, ids, gain), config["steps"], config["criterion"])
+        steps = pursuit_steps(config, len(ids))
+        result = somp_heads(x, w_o, concept_rows(lm, ids, gain), steps, config["criterion"])
         evr = result.final_evr.float().view(n_layers, n_heads)
-        control = [somp_heads(x, w_o, concept_rows(lm, ids_, gain), config["steps"], config["criterion"])
-                   .final_evr.float().view(n_layers, n_heads)
-                   for ids_ in control_ids(ids, n_vocab, n_control, f"{config['seed']}:{name}")]
+        seed = f"{config['seed']}:{name}"
+        if pools is not None:
+            draw = control_token_ids(pools, ids, n_control, seed, control_cfg["window"])
+            dictionaries = draw.ids
+            out.setup[name] = {"steps": steps, "control_matched": draw.matched, "control_fallback": draw.fallback}
+        else:  # version 4's draw: uniform over the whole vocabulary
+            dictionaries = control_ids(ids, n_vocab, n_control, seed)
+            out.setup[name] = {"steps": steps}
+        control = [somp_heads(x, w_o, concept_rows(lm, ids_, gain), steps, config["criterion"])
+                   .final_evr.float().view(n_layers, n_heads) for ids_ in dictionaries]
         ctrl = torch.stack(control).mean(0) if control else None
         score = evr - ctrl if ctrl is not None and config.get("ranking", "evr") == "specificity" else evr
         out.scores[name] = score
@@ -251,7 +286,8 @@ def rank_concepts(lm: LoadedModel, flat: torch.Tensor, w_o: torch.Tensor, acc: C
 
 
 def control_ids(ids: list[int], n_vocab: int, n: int, seed: str) -> list[list[int]]:
-    """n random single-token dictionaries of len(ids) ids each, disjoint from ids: the control for
+    """Version 4's control draw (kept for its configs): n random single-token dictionaries of len(ids)
+    ids from the whole vocabulary, disjoint from ids: the control for
     what any dictionary of that size explains in a head (a head that copies token embeddings, or
     whose output is low-rank, explains much of its variance with any set of unembedding rows)."""
     gen = torch.Generator().manual_seed(int(hashlib.sha256(seed.encode()).hexdigest()[:15], 16))
