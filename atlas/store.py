@@ -15,11 +15,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
-import duckdb
-
 from atlas.errors import BadInput, Busy, NotFound, SchemaMismatch
 
-if TYPE_CHECKING:  # imported where used: a read answers without SQLAlchemy, pydantic or the schema module
+if TYPE_CHECKING:  # imported where used: `import atlas` and `atlas --help` load no DuckDB, Arrow,
+    import duckdb  # SQLAlchemy or pydantic; a read loads DuckDB and Arrow only
     import pyarrow as pa
     import sqlalchemy as sa
 
@@ -31,6 +30,8 @@ READABLE_VERSIONS = (1, 2)
 
 
 def _connect(path: Path, read_only: bool, wait_s: float) -> duckdb.DuckDBPyConnection:
+    import duckdb
+
     deadline = time.monotonic() + wait_s
     delay = 0.05
     while True:
@@ -57,6 +58,8 @@ class Atlas:
     """A handle on one atlas file. Read-only unless opened with `writer()`."""
 
     def __init__(self, path: str | Path, *, read_only: bool = True, wait_s: float = 10.0) -> None:
+        import duckdb
+
         self.path = Path(path)
         self.read_only = read_only
         if read_only and not self.path.exists():
@@ -112,6 +115,8 @@ class Atlas:
         self.con.execute(schema.head_roles_view([]))
 
     def _check_version(self) -> None:
+        import duckdb
+
         try:
             rows = self.con.execute(
                 "SELECT value FROM atlas_meta WHERE key = 'schema_version'").fetchall()
@@ -204,6 +209,8 @@ class Atlas:
 
     def query(self, sql: str) -> pa.Table:
         """Run user SQL: a single read statement, never a write, on a read-only connection."""
+        import duckdb
+
         try:
             statements = self.con.extract_statements(sql)
         except duckdb.Error as exc:
@@ -395,6 +402,8 @@ def sandbox(con: duckdb.DuckDBPyConnection, *, memory_limit: str | None = None,
 
     `memory_limit` bounds what DuckDB's buffer manager holds (sorts, joins, aggregates spill to the
     database's own temp directory, bounded by `temp_limit`)."""
+    import duckdb
+
     settings = list(SANDBOX_SETTINGS)
     if memory_limit:
         settings.insert(0, ("memory_limit", memory_limit))

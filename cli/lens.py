@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import pyarrow as pa
 import typer
 
 from cli.app import DEFAULT_DB, DbOption, FormatOption, JsonFlag, app, output_format, reports_errors
 from cli.output import Format, emit, emit_json, stderr
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 lens_app = typer.Typer(no_args_is_help=True, help="Trained per-head lenses (Attention Lens, in head space).")
 app.add_typer(lens_app, name="lens")
@@ -96,4 +98,6 @@ def train(
     stderr.print(f"weights in {report['weights']}; run {report['run_id']} in {report['db']}")
     rows: list[dict[str, Any]] = [{**r, "kl_mean_output_baseline": report["kl_mean_output_baseline"]}
                                   for r in report["layers"]]
+    import pyarrow as pa
+
     emit(pa.Table.from_pylist(rows), Format.table, title="held-out KL to the model's output (nats)")

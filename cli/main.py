@@ -188,9 +188,9 @@ def models(
     """
     import pyarrow as pa
 
+    from atlas.aliases import aliases
     from atlas.queries import list_models
     from atlas.store import Atlas
-    from workers.models import aliases
 
     fmt = output_format(fmt, as_json)
     in_atlas = pa.table({})
@@ -227,4 +227,65 @@ from cli import compare as _compare  # noqa: E402,F401
 from cli import lens as _lens  # noqa: E402,F401
 from cli import pursuit as _pursuit  # noqa: E402,F401
 from cli import serve as _serve  # noqa: E402,F401
-from cli import sweep as _sweep  # noqa: E402,F401
+
+
+# `atlas sweep` and `atlas status` are registered here, after the command modules (the order --help
+# lists them in), so that cli/sweep.py (pydantic, YAML, the driver) loads only when they run.
+@app.command()
+@reports_errors
+def sweep(
+    file: Annotated[Path, typer.Argument(help="A sweep YAML file: models, families, corpora, options, ray; or a "
+                                              "list of builds.")],
+    db: Annotated[Path | None, typer.Option("--db", envvar="ATLAS_DB", help="Overrides the file's db.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Run a sweep of many models x families x corpora from a YAML file (resumable).
+
+    Every entry is checked (models, families, option names and values) before any of them runs.
+
+    Example: atlas sweep docker/sweep.yaml
+    """
+    from cli.sweep import load_sweep, run_and_report
+
+    spec = load_sweep(file)
+    run_and_report(spec.builds, Path(db or spec.db or DEFAULT_DB), as_json, labels=spec.labels,
+                   device=spec.device, address=spec.ray.address, executor=spec.executor,
+                   replicas=spec.ray.replicas, gpus_per_actor=spec.ray.gpus_per_actor)
+
+
+@app.command()
+@reports_errors
+def status(
+    db: DbOption = Path(DEFAULT_DB),
+    all_units: Annotated[bool, typer.Option("--all", help="List complete units too.")] = False,
+    fmt: FormatOption = Format.table,
+    as_json: JsonFlag = False,
+) -> None:
+    """Show the latest build on this atlas: units done, running, failed (with the error), left.
+
+    Example: atlas status --db atlas.duckdb
+    """
+    import pyarrow as pa
+
+    from atlas.errors import NotFound
+    from atlas.status import read_status
+
+    state = read_status(db)
+    if state is None:
+        raise NotFound(f"no build has run on {db}", "run `atlas build` first")
+    units = state["units"]
+    counts = {s: sum(u["state"] == s for u in units) for s in ("complete", "running", "pending", "failed",
+                                                                 "interrupted")}
+    fmt = output_format(fmt, as_json)
+    if fmt is Format.json:
+        emit_json({"live": state["live"], "pid": state["pid"], "started_at": state["started_at"],
+                   "counts": counts, "units": units})
+        return
+    stderr.print(f"build pid {state['pid']} started {state['started_at']}: "
+                 f"{'running' if state['live'] else 'not running'}; "
+                 + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
+    shown = [dict(u, error=(u["error"] or "").splitlines()[0] if u["error"] else "")
+             for u in units if all_units or u["state"] != "complete"]
+    emit(pa.Table.from_pylist(shown) if shown else pa.table({"state": pa.array([], pa.string())}), fmt,
+         title="units")
+from cli import plan as _plan  # noqa: E402,F401

@@ -6,13 +6,13 @@ import enum
 import io
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pyarrow as pa
-import pyarrow.csv as pacsv
 import typer
 from rich.console import Console
-from rich.table import Table
+
+if TYPE_CHECKING:  # data arrives as Arrow; this module loads it only to write CSV
+    import pyarrow as pa
 
 stderr = Console(stderr=True)
 
@@ -33,10 +33,14 @@ def emit(table: pa.Table, fmt: Format = Format.table, title: str | None = None) 
     if fmt is Format.json:
         typer.echo(json.dumps(table.to_pylist(), default=str))
     elif fmt is Format.csv:
+        import pyarrow.csv as pacsv
+
         buffer = io.BytesIO()
         pacsv.write_csv(table, buffer)
         typer.echo(buffer.getvalue().decode(), nl=False)
     elif sys.stdout.isatty():
+        from rich.table import Table
+
         view = Table(title=title)
         for name in table.column_names:
             view.add_column(name)

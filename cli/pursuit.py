@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import pyarrow as pa
 import typer
 
 from cli.app import DEFAULT_DB, DbOption, FormatOption, JsonFlag, app, output_format, reports_errors
 from cli.output import Format, emit, emit_json
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 
 def concept_table(db: Path, concept: str, model: str | None, top: int, all_models: bool) -> pa.Table:
@@ -83,4 +85,6 @@ def concepts(
 
     rows = [{"concept": c.name, "words": len(c.words), "prompts": len(c.prompts), "heldout": len(c.heldout),
              "examples": ", ".join(c.words[:6])} for c in builtin_concepts().values()]
+    import pyarrow as pa
+
     emit(pa.Table.from_pylist(rows), output_format(fmt, as_json), title="built-in concepts")

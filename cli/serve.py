@@ -7,13 +7,15 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from atlas.records import BuildRequest
 from cli.app import DEFAULT_DB, DbOption, app, reports_errors
 from cli.output import stderr
+
+if TYPE_CHECKING:  # pydantic loads when a build request is checked, not with every command
+    from atlas.records import BuildRequest
 
 
 class WorkerBuilder:
@@ -104,6 +106,7 @@ def _request(request: dict[str, Any]) -> BuildRequest:
     from pydantic import ValidationError
 
     from atlas.errors import BadInput
+    from atlas.records import BuildRequest
 
     try:
         return BuildRequest.model_validate({k: v for k, v in request.items() if k in BuildRequest.model_fields})

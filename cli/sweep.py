@@ -1,4 +1,7 @@
-"""Sweeps: `atlas build` and `atlas sweep FILE` run the same driver; `atlas status` follows it."""
+"""Sweeps: `atlas build` and `atlas sweep FILE` run the same driver; `atlas status` follows it.
+
+The commands themselves are registered in cli/main.py, which imports this module when one runs:
+pydantic, YAML and the build driver stay out of the read commands' start-up."""
 
 from __future__ import annotations
 
@@ -6,17 +9,15 @@ import contextlib
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-import pyarrow as pa
 import typer
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from atlas.errors import BadInput, NotFound
 from atlas.records import BuildRequest
-from cli.app import DEFAULT_DB, DbOption, FormatOption, JsonFlag, app, output_format, reports_errors
-from cli.output import Format, emit, emit_json, stderr
+from cli.output import emit_json, stderr
 
 
 class BuildProgress:
@@ -240,57 +241,3 @@ def load_sweep(path: Path) -> SweepFile:
         return SweepFile.model_validate({**settings, "builds": requests, "labels": labels})
     except ValidationError as exc:
         raise BadInput(f"{path} is not a valid sweep: {_problems(exc)}", "see the README's sweep.yaml example") from exc
-
-
-@app.command()
-@reports_errors
-def sweep(
-    file: Annotated[Path, typer.Argument(help="A sweep YAML file: models, families, corpora, options, ray; or a "
-                                              "list of builds.")],
-    db: Annotated[Path | None, typer.Option("--db", envvar="ATLAS_DB", help="Overrides the file's db.")] = None,
-    as_json: JsonFlag = False,
-) -> None:
-    """Run a sweep of many models x families x corpora from a YAML file (resumable).
-
-    Every entry is checked (models, families, option names and values) before any of them runs.
-
-    Example: atlas sweep docker/sweep.yaml
-    """
-    spec = load_sweep(file)
-    run_and_report(spec.builds, Path(db or spec.db or DEFAULT_DB), as_json, labels=spec.labels,
-                   device=spec.device, address=spec.ray.address, executor=spec.executor,
-                   replicas=spec.ray.replicas, gpus_per_actor=spec.ray.gpus_per_actor)
-
-
-@app.command()
-@reports_errors
-def status(
-    db: DbOption = Path(DEFAULT_DB),
-    all_units: Annotated[bool, typer.Option("--all", help="List complete units too.")] = False,
-    fmt: FormatOption = Format.table,
-    as_json: JsonFlag = False,
-) -> None:
-    """Show the latest build on this atlas: units done, running, failed (with the error), left.
-
-    Example: atlas status --db atlas.duckdb
-    """
-    from atlas.status import read_status
-
-    state = read_status(db)
-    if state is None:
-        raise NotFound(f"no build has run on {db}", "run `atlas build` first")
-    units = state["units"]
-    counts = {s: sum(u["state"] == s for u in units) for s in ("complete", "running", "pending", "failed",
-                                                                 "interrupted")}
-    fmt = output_format(fmt, as_json)
-    if fmt is Format.json:
-        emit_json({"live": state["live"], "pid": state["pid"], "started_at": state["started_at"],
-                   "counts": counts, "units": units})
-        return
-    stderr.print(f"build pid {state['pid']} started {state['started_at']}: "
-                 f"{'running' if state['live'] else 'not running'}; "
-                 + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
-    shown = [dict(u, error=(u["error"] or "").splitlines()[0] if u["error"] else "")
-             for u in units if all_units or u["state"] != "complete"]
-    emit(pa.Table.from_pylist(shown) if shown else pa.table({"state": pa.array([], pa.string())}), fmt,
-         title="units")

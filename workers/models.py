@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import struct
-import tomllib
 import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -24,16 +23,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from atlas.aliases import ALIASES_FILE as ALIASES_FILE  # re-exported: the aliases are read in atlas.aliases
+from atlas.aliases import aliases
 from atlas.errors import BadInput, NotFound
 from workers.adapters import ADAPTERS, BoundAdapter, adapter_for
 from workers.user_files import allowed_roots, confine, is_confined, read_bytes, read_text
 
-ALIASES_FILE = Path(__file__).with_name("aliases.toml")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-
-
-def aliases() -> dict[str, dict[str, Any]]:
-    return tomllib.loads(ALIASES_FILE.read_text())
 
 
 def cache_root() -> Path:
