@@ -7,6 +7,12 @@ Parquet: one folder per table, partitioned by `model_key` with DuckDB's own
 HeadVis: `<out>/<model>/headvis/<dataset>/{config.json, scatter_data.json, heads/L{l}H{h}.json,
 server_config.json, attributions/manifest.json}`, the tree Neuronpedia's headvis pipeline writes
 and its frontend and loaders read (hijohnnylin/neuronpedia utils/neuronpedia-utils/.../headvis).
+
+DuoAttention (KV-cache compression, docs/kv-cache.md): `<out>/<model>/duoattention/` with
+`full_attention_heads.tsv` (n_layers rows x n_kv_heads columns, 1 = keep the full KV cache, 0 = streaming:
+sink + recent window) and `config.json` (`sink_size`, `recent_size`), the two files DuoAttention's
+`load_attn_pattern` reads, plus `kv_heads.json`, the same labels with their scores for other methods
+(RazorAttention, HeadKV): see KV_JSON_FORMAT.
 """
 
 from __future__ import annotations
@@ -225,6 +231,82 @@ def export_headvis(atlas: Atlas, out: str | Path, models: list[str] | None = Non
         _write_json(root / "config.json", config, indent=2)
         _write_json(root / "server_config.json", {})
         _write_json(root / "attributions" / "manifest.json", {})
+    return written
+
+
+# -- KV-cache compression labels --------------------------------------------------------------------------
+KV_JSON_FORMAT = "head-atlas kv-heads v1"
+KV_AGGREGATES = ("max", "mean")
+
+
+def kv_head_labels(atlas: Atlas, model: str, budget: float, metric: str = "retrieval.score",
+                   aggregate: str = "max") -> dict[str, Any]:
+    """Per-KV-head full / streaming labels at `budget` (the share of KV heads, over all layers, that keep
+    their full cache), ranked by `metric` aggregated over each KV head's query heads.
+
+    Under GQA one KV head serves n_heads / n_kv_heads query heads and its cache is kept or cut for all of
+    them: `max` (default) keeps it if any of its query heads retrieves; `mean` ranks by their average.
+    Ties go to the lower (layer, kv_head). Returns the `kv_heads.json` document (KV_JSON_FORMAT)."""
+    if not 0.0 <= budget <= 1.0 or math.isnan(budget):
+        raise BadInput(f"budget {budget} is not a share of KV heads", "pass --budget between 0 and 1, e.g. 0.25")
+    if aggregate not in KV_AGGREGATES:
+        raise BadInput(f"unknown aggregate '{aggregate}'", f"use one of {', '.join(KV_AGGREGATES)}")
+    key = resolve_model_key(atlas, model)
+    info = atlas.execute("SELECT * FROM models WHERE model_key = ?", [key]).to_pylist()[0]
+    rows = atlas.execute("SELECT layer, head, value, run_id FROM latest_metrics WHERE model_key = ? AND metric = ?",
+                         [key, metric]).to_pylist()
+    n_layers, n_heads, n_kv = info["n_layers"], info["n_heads"], max(info["n_kv_heads"], 1)
+    if len(rows) < n_layers * n_heads:
+        raise BadInput(f"{model} has {metric} for {len(rows)} of {n_layers * n_heads} heads",
+                       f"build it first: atlas build --model {model} --families {metric.split('.')[0]}")
+    group = n_heads // n_kv
+    per_head = {(r["layer"], r["head"]): float(r["value"]) for r in rows}
+    kv_heads: list[dict[str, Any]] = []
+    for layer in range(n_layers):
+        for kv in range(n_kv):
+            served = [{"head": h, "score": per_head[(layer, h)]} for h in range(kv * group, (kv + 1) * group)]
+            values = [q["score"] for q in served]
+            score = max(values) if aggregate == "max" else sum(values) / len(values)
+            kv_heads.append({"layer": layer, "kv_head": kv, "score": score, "query_heads": served})
+    n_full = min(len(kv_heads), math.floor(budget * len(kv_heads) + 1e-9))  # a budget is a cap: round down
+    order = sorted(range(len(kv_heads)), key=lambda i: (-kv_heads[i]["score"], i))
+    chosen = set(order[:n_full])
+    for i, entry in enumerate(kv_heads):
+        entry["full"] = i in chosen
+    return {"format": KV_JSON_FORMAT, "model_key": key, "source": info["source"], "metric": metric,
+            "aggregate": aggregate, "budget": budget, "n_layers": n_layers, "n_heads": n_heads,
+            "n_kv_heads": n_kv, "query_heads_per_kv_head": group, "full_kv_heads": n_full,
+            "full_with_zero_score": sum(1 for i in chosen if kv_heads[i]["score"] <= 0.0),
+            "runs": sorted({r["run_id"] for r in rows}), "kv_heads": kv_heads}
+
+
+def export_duoattention(atlas: Atlas, out: str | Path, models: list[str] | None = None, budget: float = 0.25,
+                        sink: int = 64, recent: int = 256, metric: str = "retrieval.score", aggregate: str = "max",
+                        overwrite: bool = False) -> dict[str, str]:
+    """Write DuoAttention's pattern folder (and kv_heads.json) per model; returns {model_key: folder}."""
+    if sink < 0 or recent < 1:
+        raise BadInput(f"sink {sink} / recent {recent} is not a streaming window",
+                       "pass --sink >= 0 and --recent >= 1 (DuoAttention deploys 64 and 256)")
+    out = Path(out)
+    written: dict[str, str] = {}
+    for key in _model_keys(atlas, models):
+        labels = kv_head_labels(atlas, key, budget, metric, aggregate)
+        model = atlas.execute("SELECT * FROM models WHERE model_key = ?", [key]).to_pylist()[0]
+        parent = out / model_dir_name(model)
+        _prepare(parent, ["duoattention"], overwrite)
+        root = parent / "duoattention"
+        root.mkdir()
+        labels.update({"sink_size": sink, "recent_size": recent})
+        grid = [[0] * labels["n_kv_heads"] for _ in range(labels["n_layers"])]
+        for entry in labels["kv_heads"]:
+            grid[entry["layer"]][entry["kv_head"]] = int(entry["full"])
+        (root / "full_attention_heads.tsv").write_text("".join("\t".join(f"{v:.1f}" for v in row) + "\n"
+                                                               for row in grid))
+        _write_json(root / "config.json", {"sink_size": sink, "recent_size": recent, "sparsity": 1 - (
+            labels["full_kv_heads"] / max(len(labels["kv_heads"]), 1)), "source": KV_JSON_FORMAT,
+            "model_key": key, "metric": metric, "aggregate": aggregate, "budget": budget}, indent=1)
+        _write_json(root / "kv_heads.json", labels, indent=1)
+        written[key] = str(root)
     return written
 
 

@@ -89,16 +89,25 @@ def match(
 class ExportFormat(enum.StrEnum):
     parquet = "parquet"
     headvis = "headvis"
+    duoattention = "duoattention"
 
 
 @app.command()
 @reports_errors
 def export(
     out: Annotated[Path, typer.Option("--out", "-o", help="The folder to write.")],
-    format: Annotated[ExportFormat, typer.Option("--format", help="parquet (partitioned by model_key) or "
-                                                 "headvis (Neuronpedia layout).")] = ExportFormat.parquet,
+    format: Annotated[ExportFormat, typer.Option("--format", help="parquet (partitioned by model_key), "
+                                                 "headvis (Neuronpedia layout) or duoattention (per-KV-head "
+                                                 "full/streaming labels, docs/kv-cache.md).")] = ExportFormat.parquet,
     model: Annotated[list[str] | None, typer.Option("--model", "-m", help="Only these models; repeatable.")] = None,
     dataset: Annotated[str, typer.Option(help="HeadVis dataset folder name.")] = "head-atlas",
+    budget: Annotated[float, typer.Option(help="duoattention: share of KV heads (all layers) that keep the full "
+                                          "cache.")] = 0.25,
+    sink: Annotated[int, typer.Option(help="duoattention: sink tokens a streaming head keeps.")] = 64,
+    recent: Annotated[int, typer.Option(help="duoattention: recent tokens a streaming head keeps.")] = 256,
+    by: Annotated[str, typer.Option("--by", help="duoattention: the metric that ranks heads.")] = "retrieval.score",
+    aggregate: Annotated[str, typer.Option(help="duoattention: how a KV head's query heads combine: max or "
+                                           "mean.")] = "max",
     overwrite: Annotated[bool, typer.Option(help="Replace an earlier export in --out.")] = False,
     db: DbOption = Path(DEFAULT_DB),
     as_json: JsonFlag = False,
@@ -106,19 +115,24 @@ def export(
     """Export the atlas: a Parquet tree any engine reads, or HeadVis / Neuronpedia JSON.
 
     Example: atlas export --format parquet --out atlas_parquet
+
+    Example: atlas export --format duoattention --model llama --budget 0.25 --out kv
     """
-    from atlas.export import export_headvis, export_parquet
+    from atlas.export import export_duoattention, export_headvis, export_parquet
     from atlas.store import Atlas
 
     result: dict[str, Any]
     with Atlas(db) as atlas:
         if format is ExportFormat.headvis:
             result = {"format": "headvis", "trees": export_headvis(atlas, out, _split(model), dataset, overwrite)}
+        elif format is ExportFormat.duoattention:
+            result = {"format": "duoattention", "trees": export_duoattention(
+                atlas, out, _split(model), budget, sink, recent, by, aggregate, overwrite)}
         else:
             result = export_parquet(atlas, out, _split(model), overwrite)
     if as_json:
         emit_json(result)
-    elif format is ExportFormat.headvis:
+    elif format is not ExportFormat.parquet:
         for key, tree in result["trees"].items():
             stderr.print(f"{key} -> {tree}")
     else:

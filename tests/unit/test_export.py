@@ -132,3 +132,74 @@ def test_atlas_side_imports_no_torch() -> None:
     code = ("import sys, atlas, atlas.report, atlas.match, atlas.export, atlas.notebook; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
+
+
+# -- DuoAttention / KV-head labels ---------------------------------------------------------------------------
+# 3 layers x 4 query heads on 2 KV heads (2 query heads each); retrieval.score per (layer, head)
+RETRIEVAL = {(0, 0): 0.9, (0, 1): 0.0, (0, 2): 0.5, (0, 3): 0.5,
+             (1, 0): 0.6, (1, 1): 0.6, (1, 2): 0.0, (1, 3): 0.0,
+             (2, 0): 0.1, (2, 1): 0.1, (2, 2): 0.7, (2, 3): 0.0}
+
+
+@pytest.fixture
+def kv_db(fresh_atlas: Path) -> Path:
+    from tests.seed import head_rows, ingest, model_row, run_record
+
+    model = model_row("kv@1:safetensors", "kv", n_layers=3, n_heads=4, n_kv_heads=2)
+    ingest(fresh_atlas, run_record("retrieval-kv", model["model_key"], family="retrieval"), model,
+           {"head_metrics": head_rows("retrieval.score", model, lambda la, h: RETRIEVAL[(la, h)])})
+    return fresh_atlas
+
+
+def _full(doc: dict) -> set[tuple[int, int]]:
+    return {(e["layer"], e["kv_head"]) for e in doc["kv_heads"] if e["full"]}
+
+
+def test_kv_labels_aggregate_query_heads_per_kv_head(kv_db: Path) -> None:
+    from atlas.export import kv_head_labels
+
+    with Atlas(kv_db, read_only=True) as a:
+        by_max = kv_head_labels(a, "kv", budget=2 / 6)  # a KV head is kept if any of its query heads retrieves
+        by_mean = kv_head_labels(a, "kv", budget=2 / 6, aggregate="mean")
+        none, every = kv_head_labels(a, "kv", budget=0.0), kv_head_labels(a, "kv", budget=1.0)
+        half = kv_head_labels(a, "kv", budget=0.45)  # 2.7 KV heads: a budget is a cap, 2 are kept
+    assert _full(by_max) == {(0, 0), (2, 1)}
+    assert _full(by_mean) == {(1, 0), (0, 1)}
+    assert _full(none) == set() and len(_full(every)) == 6 and half["full_kv_heads"] == 2
+    first = by_max["kv_heads"][0]
+    assert first["score"] == 0.9 and [q["head"] for q in first["query_heads"]] == [0, 1]
+
+
+def test_duoattention_export_reads_as_duoattention_reads_it(kv_db: Path, tmp_path: Path) -> None:
+    """DuoAttention's load_attn_pattern: np.loadtxt(full_attention_heads.tsv, delimiter='\\t') and
+    config.json's sink_size / recent_size; its threshold 0.5 gives back our labels."""
+    import numpy as np
+
+    from atlas.export import export_duoattention
+
+    with Atlas(kv_db, read_only=True) as a:
+        written = export_duoattention(a, tmp_path / "kv", budget=2 / 6, sink=4, recent=32)
+    root = Path(written["kv@1:safetensors"])
+    grid = np.loadtxt(root / "full_attention_heads.tsv", dtype=float, delimiter="\t")
+    assert grid.shape == (3, 2)
+    assert {(int(la), int(kv)) for la, kv in zip(*np.nonzero(grid >= 0.5), strict=True)} == {(0, 0), (2, 1)}
+    config = json.loads((root / "config.json").read_text())
+    assert (config["sink_size"], config["recent_size"]) == (4, 32)
+    assert json.loads((root / "kv_heads.json").read_text())["format"] == "head-atlas kv-heads v1"
+
+
+def test_duoattention_export_cli_and_its_errors(kv_db: Path, fresh_atlas: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    ok = CliRunner().invoke(app, ["export", "--format", "duoattention", "--budget", "0.5", "--out",
+                                  str(tmp_path / "d"), "--json", "--db", str(kv_db)])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.stdout)["format"] == "duoattention"
+    bad = CliRunner().invoke(app, ["export", "--format", "duoattention", "--budget", "1.5", "--out",
+                                   str(tmp_path / "e"), "--db", str(kv_db)])
+    assert bad.exit_code == 2 and "between 0 and 1" in bad.output
+    unknown = CliRunner().invoke(app, ["export", "--format", "duoattention", "--by", "retrieval.nope", "--out",
+                                       str(tmp_path / "f"), "--db", str(kv_db)])
+    assert unknown.exit_code == 2 and "retrieval.nope for 0 of 12 heads" in unknown.output
