@@ -235,7 +235,8 @@ def finding(entry: dict[str, Any], labels: dict[str, str], alpha: float = 0.05) 
     """One sentence a reader can check against the table: what agrees across models, what does not."""
     names = {"depth": "depth", "profile": "other metrics' profile", "tokens": "lens readouts",
              "recovery": "profile matching recovers the top heads"}
-    agree, fail = [], []
+    agree: list[str] = []
+    fail: list[str] = []
     for view in VIEWS:
         stat = entry["views"].get(view)
         if stat is None:

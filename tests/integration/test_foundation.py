@@ -3,6 +3,7 @@ atlas ranks first are causally real, and the same build works for Gemma 3 and Qw
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -65,6 +66,18 @@ def test_top_induction_heads_are_causal(llama_atlas: Path, llama_lm) -> None:
     _induction_is_causal(llama_lm, _top(llama_atlas, "induction", "llama"))
 
 
+def _stored_patterns(db: Path) -> tuple[dict, dict]:
+    with Atlas(db) as atlas:
+        config = atlas.query("SELECT config FROM runs WHERE family = 'patterns'").column(0)[0].as_py()
+        stored = {(r["metric"], r["layer"], r["head"]): r["value"] for r in atlas.query(
+            "SELECT metric, layer, head, value FROM latest_metrics").to_pylist()}
+    return (json.loads(config) if isinstance(config, str) else config), stored
+
+
+def test_llama_pattern_roles_match_output_attentions(llama_atlas: Path, llama_lm) -> None:
+    _patterns_match_output_attentions(llama_lm, *_stored_patterns(llama_atlas))
+
+
 def test_qwen_build_and_sanity(tmp_path: Path, ray_session) -> None:
     """The third embedded model (Qwen2: q/k/v biases, 14 query heads on 2 KV heads), through Ray: the
     dequantized model continues text sensibly, and its attention shows the induction and previous-token
@@ -88,6 +101,30 @@ def test_qwen_build_and_sanity(tmp_path: Path, ray_session) -> None:
         for metric in ("induction", "prev_token"):  # a perfect head scores ~1 on these diagonals
             top = rank_heads(atlas, metric, "qwen", top=1).to_pylist()[0]
             assert top["value"] > 0.8 and top["layer"] > 0, (metric, top)
+    _patterns_match_output_attentions(lm, *_stored_patterns(db))
+
+
+def _patterns_match_output_attentions(lm, config: dict, stored: dict) -> None:
+    """The stored induction and previous-token scores equal the same definitions computed here from the
+    weights transformers returns with output_attentions=True (eager): every head, not just the top."""
+    n, batch = config["n"], config["batch"]
+    tokens = repeated_tokens(lm.tokenizer, lm.adapter.unembed.weight.shape[0], n=n, batch=batch, seed=config["seed"])
+    previous = lm.model.config._attn_implementation
+    lm.model.set_attn_implementation("eager")
+    try:
+        with torch.inference_mode():
+            attentions = lm.model(tokens, output_attentions=True, use_cache=False).attentions
+    finally:
+        lm.model.set_attn_implementation(previous)
+    for layer, attn in enumerate(attentions):  # (batch, heads, T, T)
+        for head in range(attn.shape[1]):
+            a = attn[:, head].float()
+            t = torch.arange(n + 1, 2 * n + 1)  # the repeated half: token t repeats t - n, whose successor is t - n + 1
+            induction = a[:, t, t - n + 1].mean().item()
+            rows = torch.arange(1, a.shape[-1])
+            prev_token = a[:, rows, rows - 1].mean().item()
+            assert stored[("patterns.induction", layer, head)] == pytest.approx(induction, abs=2e-3), (layer, head)
+            assert stored[("patterns.prev_token", layer, head)] == pytest.approx(prev_token, abs=2e-3), (layer, head)
 
 
 def test_gemma_build(tmp_path: Path, ray_session) -> None:
@@ -101,3 +138,6 @@ def test_gemma_build(tmp_path: Path, ray_session) -> None:
         assert n.column("n")[0].as_py() == 18 * 4
         kv = atlas.query("SELECT DISTINCT kv_head FROM heads").column(0).to_pylist()
         assert kv == [0]  # one KV head shared by all four query heads
+    from workers.models import load, resolve
+
+    _patterns_match_output_attentions(load(resolve("gemma"), "cpu"), *_stored_patterns(db))

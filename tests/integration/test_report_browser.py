@@ -1,7 +1,9 @@
-"""The comparison report on two real models (SmolLM2 and Gemma 3), rendered in headless Chromium.
+"""The comparison report on the three embedded models (SmolLM2, Gemma 3, Qwen2.5), rendered in headless
+Chromium, as `atlas compare llama gemma qwen --out report.html` writes it.
 
-Checks: no network request at all, every plot rendered, numbers on the page equal the atlas; and
-head matching pairs each model's role heads with the other model's heads of the same role.
+Checks: no network request at all, every plot rendered, plotly inlined once, numbers on the page equal the
+atlas (heatmaps, top heads, role counts, the cross-model consistency table); and head matching pairs each
+model's role heads with the other model's heads of the same role.
 Set ATLAS_REPORT_SCREENSHOT=docs/report.png to also save the README screenshot.
 """
 
@@ -32,7 +34,7 @@ def real_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from workers.build import build
 
     db = tmp_path_factory.mktemp("report-real") / "atlas.duckdb"
-    report = build(["llama", "gemma"], ["patterns"], db, device="cpu", executor="local")
+    report = build(["llama", "gemma", "qwen"], ["patterns"], db, device="cpu", executor="local")
     assert not report.failed, report.failed
     return db
 
@@ -64,10 +66,13 @@ def _requests(driver) -> list[str]:
 
 
 def test_report_renders_offline_with_the_atlas_numbers(real_db: Path, tmp_path: Path, browser) -> None:
+    from typer.testing import CliRunner
+
+    from cli.main import app
     from selenium.webdriver.support.ui import WebDriverWait
 
     with Atlas(real_db) as atlas:
-        data = compare(atlas, ["llama", "gemma"])
+        data = compare(atlas, ["llama", "gemma", "qwen"])
         top = {(r["model_key"], r["metric"], r["layer"], r["head"]): r
                for metric in data["metrics"] for r in rank_heads(atlas, metric, top=data["top"]).to_pylist()}
         grids = {(r["model_key"], r["metric"], r["layer"], r["head"]): r["value"]
@@ -75,6 +80,13 @@ def test_report_renders_offline_with_the_atlas_numbers(real_db: Path, tmp_path: 
         labels = {(r["model_key"], r["metric"]): r["n"] for r in atlas.execute(
             "SELECT model_key, metric, count(*) AS n FROM head_labels GROUP BY ALL").to_pylist()}
     page = write_report(data, tmp_path / "report.html")
+    # the command a user runs writes the same report (generated_at aside)
+    cli_page = tmp_path / "cli-report.html"
+    result = CliRunner().invoke(app, ["compare", "llama", "gemma", "qwen", "--out", str(cli_page), "--db", str(real_db)])
+    assert result.exit_code == 0, result.output
+    html = cli_page.read_text(encoding="utf-8")
+    assert html.count("plotly.js v") == 1  # plotly inlined once, however many models and plots
+    assert cli_page.stat().st_size < 8_000_000, cli_page.stat().st_size
     _requests(browser)  # drop what the browser did before opening the page
     browser.get(page.as_uri())
     WebDriverWait(browser, 60).until(lambda d: d.execute_script("return document.body.dataset.rendered"))
@@ -123,6 +135,19 @@ def test_report_renders_offline_with_the_atlas_numbers(real_db: Path, tmp_path: 
     for metric, key, count in counts:
         assert count == labels.get((key, metric), 0)
 
+    # 3b. the cross-model table: one row per (property, view) as computed, findings as written
+    shown = browser.execute_script("""return [...document.querySelectorAll('#across-table tr.across')].map(r =>
+        [r.dataset.property, r.dataset.view, r.querySelector('td.observed').dataset.value,
+         r.querySelector('td.p').dataset.value, r.querySelector('td.q').dataset.value])""")
+    expected_rows = [(e["property"], v, s["observed"], s["p"], s["q"]) for e in data["across"]
+                     for v, s in e["views"].items()]
+    assert len(data["across"]) == len(data["roles"]) and len(shown) == len(expected_rows)
+    for (prop, view, obs, p, q), (eprop, eview, eobs, ep, eq) in zip(shown, expected_rows, strict=True):
+        assert (prop, view) == (eprop, eview) and float(obs) == eobs and float(p) == ep and float(q) == eq
+    findings = browser.execute_script("return [...document.querySelectorAll('#across-table tr.finding')]"
+                                      ".map(r => r.textContent.trim())")
+    assert findings == [e["finding"] for e in data["across"]]
+
     # 4. thresholds are configurable in the page: recount at 0.2 equals the atlas at 0.2
     recount = browser.execute_script("""
         const i = document.querySelector('input.threshold[data-metric="patterns.induction"]');
@@ -146,7 +171,7 @@ def test_matching_pairs_role_heads_across_models(real_db: Path, metric: str) -> 
     with Atlas(real_db) as atlas:
         threshold = atlas.con.execute("SELECT threshold FROM role_thresholds WHERE metric = ?",
                                       [metric]).fetchall()[0][0]
-        for a, b in (("llama", "gemma"), ("gemma", "llama")):
+        for a, b in (("llama", "gemma"), ("gemma", "llama"), ("llama", "qwen"), ("qwen", "gemma")):
             matcher = Matcher(atlas, a, b)
             role_b = {(r["layer"], r["head"]) for r in atlas.execute(
                 "SELECT layer, head FROM latest_metrics WHERE model_key = ? AND metric = ? AND value > ?",
