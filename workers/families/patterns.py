@@ -80,7 +80,8 @@ class PatternsFamily:
 
     options = (
         Option("probe_n", "int", 50, "|X|, the length of the repeated random block (BOS + X + X)", min=2, max=4096),
-        Option("probe_batch", "int", 10, "repeated-token sequences in the probe set", min=1, max=4096),
+        Option("probe_batch", "int", 10, "repeated-token sequences in the probe set", min=1,
+               max=1 << 20),
         SEED,
     )
 
