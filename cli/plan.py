@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
-import pyarrow as pa
 import typer
 
 from atlas.errors import BadInput
@@ -59,6 +58,7 @@ def plan(
     wall time, and the total. Reads only model configs, never weights.
 
     Example: atlas plan --model llama --families patterns,lens --gpu cpu
+
     Example: atlas plan docker/sweep.yaml --gpu h200
     """
     from workers import cost
@@ -91,6 +91,8 @@ def plan(
              "peak_gb": max((r["peak_gb"] for r in rows), default=0.0),
              "seconds": round(sum(r["seconds"] for r in rows), 1)}
     fmt = output_format(fmt, as_json)
+    import pyarrow as pa  # loaded when the command runs (the CLI starts light)
+
     if fmt is Format.json:
         emit_json({"gpu": gpu, "devices": devices, "profiles": profiles, "units": rows, "total": total})
         return
