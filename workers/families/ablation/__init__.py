@@ -14,8 +14,10 @@ or its value on a counterpart sequence (`--ablation`, see workers/families/ablat
 - `concept.<name>`: probability mass of a concept's single-token words after the concept's own
   prompts (workers/concepts.py, Head Pursuit arXiv 2510.21518). Effect < 0: the head promotes it.
 
-`ablation.atp.<metric>` is the AtP estimate of the same effect, `ablation.atp_qk.<metric>` the
-AtP* QK-fixed estimate of patching the head's attention pattern only (see workers/families/ablation/atp.py). With
+`ablation.atp.<metric>` is the AtP estimate of the same effect, `ablation.atp_qk.<metric>` AtP with
+the QK fix (AtP*'s softmax recomputation, without its GradDrop and with a query head's q and its view
+of k patched together: not AtP* as published) for patching the head's attention pattern only (see
+workers/families/ablation/atp.py). With
 method both, run_metrics holds per metric the Spearman correlation of AtP with exact effects over
 all heads (`ablation.agreement.spearman.<metric>`) and the overlap of their top-10 heads by
 |effect| (`ablation.agreement.top10.<metric>`, 0..10).
@@ -40,8 +42,13 @@ from workers.families.ablation.exact import (
     clean_run,
     counterpart_z,
     exact_effects,
+    float32_model,
     mean_kind,
     needs_counterpart,
+    noop_check_layers,
+    noop_deviation,
+    noop_holds,
+    noop_tolerance,
     replacements,
 )
 from workers.families.base import FamilyResult, head_metric_rows
@@ -163,8 +170,10 @@ def _summary(per_seq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, 
 
 class AblationFamily:
     name = "ablation"
-    version = 3  # 2: concept effects over each concept's own prompts (n, stderr); AtP concept estimates undiluted;
-    # 3: mean ablation per position on the template probes (induction, IOI over its ABC prompts)
+    version = 4  # 2: concept effects over each concept's own prompts (n, stderr); AtP concept estimates undiluted;
+    # 3: mean ablation per position on the template probes (induction, IOI over its ABC prompts);
+    # 4: the no-op check, a probe that fails it in bfloat16 measured in float32; atp_qk named AtP + QK fix
+
     stores = ("head_metrics", "run_metrics")
 
     options = (
@@ -190,7 +199,13 @@ class AblationFamily:
                  "position 0 keeps its clean value"),
         "global_mean": "over real tokens at positions >= 1 on every probe; position 0 keeps its clean value",
         "resample": "corpus/induction: the previous sequence of the batch; ioi: ABC counterpart",
-        "atp_qk": "AtP* QK fix; resample: counterpart q/k, zero/mean: q <- 0 (uniform attention)",
+        "atp_qk": ("AtP with the QK fix of AtP* (the head's softmax recomputed with patched q, k; no GradDrop); "
+                   "the node is one query head: its q and its own copy of the shared KV head's k are patched "
+                   "together (not a KV-head patch under GQA); resample: counterpart q/k, zero/mean: q <- 0 "
+                   "(uniform attention)"),
+        "noop_check": ("replacement = z at the first and last layer must move every metric by at most 1e-4 + "
+                       "1e-5 x max|clean| (ablation.noop.<metric>); a probe that fails in the model's dtype "
+                       "(bfloat16) is measured with the model in float32 (exact_precision)"),
     }
 
     def config(self, options: dict[str, Any]) -> dict[str, Any]:
@@ -234,6 +249,33 @@ class AblationFamily:
                 probes.append(concepts)
         return probes, extra
 
+    @staticmethod
+    def _exact(lm: LoadedModel, probe: Probe, mode: str) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], str]:
+        """Exact effects of one probe, after the no-op check (exact.py): where z replaced by itself
+        moves a metric by more than the tolerance in the model's dtype (bfloat16), the probe is
+        measured again with the model in float32. Returns the effects, the check's run_metrics rows
+        and the dtype the effects were measured in."""
+        dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
+        cache = clean_run(lm, probe)
+        deviation = noop_deviation(lm, probe, cache)
+        measured_in, after = dtype, None
+        if noop_holds(deviation, cache):
+            counter = counterpart_z(lm, probe) if needs_counterpart(mode, probe) else None
+            exact = exact_effects(lm, probe, cache, replacements(mode, probe, cache.z, counter))
+        else:
+            with float32_model(lm):
+                cache = clean_run(lm, probe)
+                after = noop_deviation(lm, probe, cache)
+                counter = counterpart_z(lm, probe) if needs_counterpart(mode, probe) else None
+                exact = exact_effects(lm, probe, cache, replacements(mode, probe, cache.z, counter))
+            measured_in = "float32"
+        rows = [{"metric": f"ablation.noop.{name}", "value": value,
+                 "detail": {"dtype": dtype, "tolerance": noop_tolerance(cache, name), "exact_in": measured_in,
+                            "layers": noop_check_layers(lm.adapter.n_layers),
+                            **({"float32": after[name]} if after is not None else {})}}
+                for name, value in deviation.items()]
+        return exact, rows, measured_in
+
     def run(self, lm: LoadedModel, config: dict[str, Any]) -> FamilyResult:
         from workers.families.ablation.atp import atp_effects
 
@@ -243,14 +285,14 @@ class AblationFamily:
         run_rows: list[dict[str, Any]] = []
         tokens = 0
         seconds: dict[str, float] = {}
+        precision: dict[str, str] = {}
         for probe in probes:
             tokens += probe.tokens.numel()
             exact: dict[str, torch.Tensor] = {}
             if method in ("exact", "both"):
                 t0 = time.perf_counter()
-                cache = clean_run(lm, probe)
-                counter = counterpart_z(lm, probe) if needs_counterpart(mode, probe) else None
-                exact = exact_effects(lm, probe, cache, replacements(mode, probe, cache.z, counter))
+                exact, noop_rows, precision[probe.name] = self._exact(lm, probe, mode)
+                run_rows += noop_rows
                 seconds[f"exact.{probe.name}"] = time.perf_counter() - t0
                 for name, per_seq in exact.items():
                     mean, stderr, n = _summary(per_seq)
@@ -272,6 +314,8 @@ class AblationFamily:
                         run_rows.append({"metric": f"ablation.agreement.top10.{name}",
                                          "value": float(top_overlap(truth, guess)), "detail": detail})
         extra["seconds"] = seconds
+        if precision:  # the dtype each probe's exact effects were measured in (see the no-op check)
+            extra["exact_precision"] = precision
         if mode in ("mean", "global_mean"):  # which mean each probe's metrics were measured against
             extra["mean_ablation"] = {probe.name: mean_kind(mode, probe) for probe in probes}
         if not config.get("concept_hashes"):

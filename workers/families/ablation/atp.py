@@ -1,4 +1,4 @@
-"""Attribution patching (AtP, Nanda 2022) with the AtP* QK fix (Kramar et al., arXiv 2403.00745).
+"""Attribution patching (AtP, Nanda 2022), and AtP with the QK fix of AtP* (Kramar et al., arXiv 2403.00745).
 
 AtP estimates the effect of replacing a node n's clean value by n' from one forward and one
 backward on the clean input: c(n) ~ (n' - n) . dM/dn, for every node at once.
@@ -19,7 +19,16 @@ backward on the clean input: c(n) ~ (n' - n) . dM/dn, for every node at once.
 To read q, k and A with gradients, the forward runs through a registered eager attention function
 (`atlas_tap`) that records them; it computes what the model's own eager attention computes
 (scores, optional soft-cap, additive mask, float32 softmax), so the forward's numbers are the same
-to float rounding. GradDrop (the paper's other fix) is not implemented.
+to float rounding.
+
+What this is not (issue 14 item 8; hence the name "AtP with the QK fix", not "AtP*"): AtP* as
+published also applies GradDrop (one backward per layer with that layer's residual gradient dropped,
+against cancellation) and treats each key and each query as its own node. Here the node is one query
+head: its q and its own copy of k are patched together in one recomputed softmax, and under GQA the
+k patched is that query head's view of the shared KV head (the other query heads of the group keep
+the clean k), which no real KV-head patch does. GradDrop would cost one backward per layer per
+metric group (30 on SmolLM2, against one now); it is not implemented, and `ablation.atp` carries the
+cancellation false negatives the paper describes.
 """
 
 from __future__ import annotations

@@ -22,7 +22,8 @@ next sequence of the batch, rolled by one).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -274,3 +275,48 @@ def naive_effects(lm: LoadedModel, probe: Probe, cache: CleanCache, reps: list[t
         for name, value in got.items():
             effects[name][layer, head] = value - cache.metrics[name]
     return effects
+
+
+# -- the no-op check (issue 14 item 9) -----------------------------------------------------------
+# Exact effects subtract a clean forward from stacked, resumed forwards. In bfloat16 those two paths
+# round differently (another batch composition: per-length buckets, c stacked copies), and on the IOI
+# probe the difference reached 6e-3 logits on a tiny Llama, the size of the effects themselves. The
+# check ablates every head of a few layers with its own clean z (replacement = z): every "effect" must
+# then be below NOOP_TOLERANCE, else the probe's exact effects are measured with the model in float32.
+NOOP_TOLERANCE = 1e-4  # absolute, in the metric's units (nats, logits, probability); + NOOP_RELATIVE x |clean|
+NOOP_RELATIVE = 1e-5
+
+
+def noop_check_layers(n_layers: int) -> list[int]:
+    """The layers the no-op check resumes at: the first (a full forward) and the last."""
+    return sorted({0, n_layers - 1})
+
+
+def noop_deviation(lm: LoadedModel, probe: Probe, cache: CleanCache) -> dict[str, float]:
+    """max |metric(z replaced by itself) - metric(clean)| per metric over the check layers' heads and
+    the sequences: what the exact path reports for an ablation that changes nothing."""
+    effects = exact_effects(lm, probe, cache, cache.z, layers=noop_check_layers(lm.adapter.n_layers))
+    return {name: float(values.nan_to_num(0.0).abs().max()) for name, values in effects.items()}
+
+
+def noop_tolerance(cache: CleanCache, name: str) -> float:
+    return NOOP_TOLERANCE + NOOP_RELATIVE * float(cache.metrics[name].abs().max())
+
+
+def noop_holds(deviation: dict[str, float], cache: CleanCache) -> bool:
+    return all(value <= noop_tolerance(cache, name) for name, value in deviation.items())
+
+
+@contextmanager
+def float32_model(lm: LoadedModel) -> Iterator[None]:
+    """The model in float32 for the block (weights cast in place, cast back after: bfloat16 ->
+    float32 -> bfloat16 is exact); a float32 model is left as it is."""
+    dtype = next(lm.model.parameters()).dtype
+    if dtype == torch.float32:
+        yield
+        return
+    lm.model.to(torch.float32)
+    try:
+        yield
+    finally:
+        lm.model.to(dtype)
