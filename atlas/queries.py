@@ -101,7 +101,7 @@ def role_summary(atlas: Atlas, model: str | None = None, top: int = 5) -> pa.Tab
         best: dict[str, list[tuple[int, int, float]]] = {}
         for key, layer, head, value in atlas.con.execute(
                 f"SELECT model_key, layer, head, value FROM latest_head_metrics WHERE {where} AND rank <= ? "
-                f"ORDER BY model_key, value DESC", [*params, top]).fetchall():
+                f"ORDER BY model_key, value DESC, layer, head", [*params, top]).fetchall():
             best.setdefault(key, []).append((layer, head, value))
         for key, above, total in counts:
             rows.append({"role": label, "metric": metric, "threshold": threshold, "model_key": key,

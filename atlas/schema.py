@@ -266,8 +266,18 @@ COMPAT_VIEWS = {
                    "FROM head_metrics GROUP BY run_id, metric",
     "concept_runs": "SELECT run_id, any_value(model_key) AS model_key, concept, count(*) AS rows "
                     "FROM concept_scores GROUP BY run_id, concept",
-    "head_roles_wide": "SELECT * FROM main.head_roles",
 }
+
+
+def compat_wide(metric_ids: list[str]) -> str:
+    """head_roles_wide of a version 1 file read-only: the heads, pivoted latest values beside them."""
+    metrics = wide_columns(metric_ids)
+    if not metrics:
+        return heads_select()
+    listed = ", ".join(sql_text(m) for m in metrics)
+    return (f"SELECT h.*, p.* EXCLUDE (model_key, layer, head) FROM ({heads_select()}) h LEFT JOIN "
+            f"(PIVOT (SELECT model_key, layer, head, metric, value FROM latest_head_metrics) ON metric IN ({listed}) "
+            f"USING first(value) GROUP BY model_key, layer, head) p USING (model_key, layer, head)")
 
 
 def create_statements() -> list[str]:

@@ -131,6 +131,56 @@ def arrow_table(name: str, rows: list[dict[str, Any]], run: RunRecord | None = N
         raise ValueError(f"shard table {name}: {exc}") from None
 
 
+def checked_arrow(name: str, table: pa.Table, run: RunRecord | None = None) -> pa.Table | None:
+    """An Arrow table checked column by column, without a Python object per value: the same checks as
+    `arrow_table` (unknown, missing or null required columns, the run's keys, types), for large
+    tables. None where a column's type needs the per-row path (JSON columns, or types that are
+    not plainly the column's: bool as a number, numbers as text)."""
+    spec = schema.metadata.tables[name]
+    target = schema.arrow_schema(spec)
+    unknown = sorted(set(table.column_names) - set(spec.columns.keys()))
+    if unknown:
+        raise ValueError(f"shard table {name}: unknown column {unknown[0]!r}; its columns: "
+                         f"{', '.join(spec.columns.keys())}")
+    keys = {k: getattr(run, k) for k in KEYS if k in spec.columns} if run is not None else {}
+    columns = []
+    for field in target:
+        column_type = spec.columns[field.name].type
+        if isinstance(column_type, sa.JSON):
+            return None
+        if field.name not in table.column_names:
+            if field.name in keys:
+                columns.append(pa.array([keys[field.name]] * table.num_rows, field.type))
+                continue
+            if not field.nullable:
+                raise ValueError(f"shard table {name}: required column {field.name} is missing")
+            columns.append(pa.nulls(table.num_rows, field.type))
+            continue
+        column = table.column(field.name)
+        given = column.type
+        plain = ((pa.types.is_integer(field.type) and pa.types.is_integer(given))
+                 or (pa.types.is_floating(field.type) and (pa.types.is_floating(given) or pa.types.is_integer(given)))
+                 or (pa.types.is_string(field.type) and (pa.types.is_string(given) or pa.types.is_large_string(given)))
+                 or given == field.type or pa.types.is_null(given))
+        if not plain:
+            return None
+        try:
+            column = column.cast(field.type)
+        except (pa.ArrowInvalid, OverflowError):
+            raise ValueError(f"shard table {name}, column {field.name}: a value does not fit {field.type}") from None
+        if not field.nullable and column.null_count:
+            raise ValueError(f"shard table {name}: required column {field.name} has no value in "
+                             f"{column.null_count} rows")
+        if field.name in keys and table.num_rows:
+            import pyarrow.compute as pc
+
+            if not pc.all(pc.equal(column, pa.scalar(keys[field.name], field.type))).as_py():
+                raise ValueError(f"shard table {name}, column {field.name}: a value is not the run's "
+                                 f"{field.name} {keys[field.name]!r}")
+        columns.append(column)
+    return pa.Table.from_arrays(columns, schema=target)
+
+
 def write_shard(shard_root: str | Path, run: RunRecord, model: dict[str, Any],
                 tables: dict[str, pa.Table | list[dict[str, Any]]]) -> Path:
     """Check and convert every table, write to a temporary directory, then rename: readers see a
@@ -143,6 +193,11 @@ def write_shard(shard_root: str | Path, run: RunRecord, model: dict[str, Any],
     arrow = {}
     for name, rows in tables.items():
         if isinstance(rows, pa.Table):
+            checked = checked_arrow(name, rows, run)
+            if checked is not None:
+                if checked.num_rows:
+                    arrow[name] = checked
+                continue
             rows = rows.to_pylist()
         if rows:  # an empty table writes no file
             arrow[name] = arrow_table(name, rows, run)

@@ -156,6 +156,11 @@ class Atlas:
 
         for name, body in schema.COMPAT_VIEWS.items():
             self.con.execute(f"CREATE OR REPLACE TEMP VIEW {name} AS {body}")
+        metrics = [r[0] for r in self.metric_ids()]
+        self.con.execute(f"CREATE OR REPLACE TEMP VIEW head_roles_wide AS {schema.compat_wide(metrics)}")
+        for name, body in schema.VIEWS.items():  # shadow the file's own views: answers as version 2 gives them
+            self.con.execute(f"CREATE OR REPLACE TEMP VIEW {name} AS {body}")
+        self.con.execute(schema.head_roles_view(metrics).replace("OR REPLACE VIEW", "OR REPLACE TEMP VIEW"))
 
     def rebuild_derived(self) -> None:
         """Recompute every derived table from the history tables (they are a cache of them)."""
@@ -284,7 +289,12 @@ class Atlas:
                 finally:
                     self.con.unregister("_shard")
                 rows += table.num_rows
-            self._refresh(run.model_key, touched | self._run_metrics(run.run_id))
+            metrics = self._run_metrics(run.run_id)
+            if "head_metrics" in tables and not touched and self._is_newest(run, metrics):
+                self._merge_latest(run.model_key, tables["head_metrics"], metrics)
+                self._refresh_wide(run.model_key, metrics)
+            else:
+                self._refresh(run.model_key, touched | metrics)
         return rows
 
     def record_failure(self, run: RunRecord, model: dict[str, Any] | None) -> None:
@@ -327,9 +337,53 @@ class Atlas:
                 f"ORDER BY metric, layer, head", [model_key, chosen])
         self._refresh_wide(model_key)
 
-    def _refresh_wide(self, model_key: str | None) -> None:
-        """Rewrite the wide rows of one model (None: every model), adding a column for a new metric."""
+    def _is_newest(self, run: RunRecord, metrics: set[str]) -> bool:
+        """Whether this complete run supersedes every other complete run of its model that holds any of
+        `metrics` (later finished_at; on a tie, the larger run_id), as the latest_select window orders."""
+        if run.status != "complete" or run.finished_at is None or not metrics:
+            return False
+        finished = _to_sql_datetime(run.finished_at)
+        newer = self.con.execute(
+            "SELECT count(*) FROM metric_runs mr JOIN runs r USING (run_id) "
+            "WHERE mr.model_key = ? AND list_contains(?, mr.metric) AND r.status = 'complete' AND r.run_id <> ? "
+            "AND (r.finished_at > ? OR (r.finished_at = ? AND r.run_id > ?))",  # NULL sorts last: older
+            [run.model_key, sorted(metrics), run.run_id, finished, finished, run.run_id]).fetchall()
+        return newer[0][0] == 0
+
+    def _merge_latest(self, model_key: str, shard: pa.Table, metrics: set[str]) -> None:
+        """The common ingest, a new run newer than any other of its metrics: each head's latest row is
+        the run's own, or stays what it was where the run has no row for the head. The history is not
+        read; the ranks are recomputed over the model's latest rows of these metrics."""
+        chosen = sorted(metrics)
+        self.con.register("_shard", shard)
+        try:
+            self.con.execute("CREATE OR REPLACE TEMP TABLE _old_latest AS SELECT run_id, model_key, layer, head, "
+                             "metric, value, n, stderr FROM latest_head_metrics "
+                             "WHERE model_key = ? AND list_contains(?, metric)", [model_key, chosen])
+            self.con.execute("DELETE FROM latest_head_metrics WHERE model_key = ? AND list_contains(?, metric)",
+                             [model_key, chosen])
+            self.con.execute("""
+                INSERT INTO latest_head_metrics
+                SELECT *, rank() OVER (PARTITION BY metric ORDER BY value DESC) AS rank,
+                       count(*) OVER (PARTITION BY metric) AS "of"
+                FROM (SELECT run_id, model_key, layer, head, metric, value, n, stderr FROM _shard
+                      UNION ALL
+                      SELECT * FROM _old_latest o WHERE NOT EXISTS (
+                          SELECT 1 FROM _shard s WHERE s.metric = o.metric AND s.layer = o.layer AND s.head = o.head))
+                ORDER BY metric, layer, head""")
+            self.con.execute("DROP TABLE _old_latest")
+        finally:
+            self.con.unregister("_shard")
+
+    def _refresh_wide(self, model_key: str | None, changed: set[str] | None = None) -> None:
+        """Rewrite the wide rows of one model (None: every model), adding a column for a new metric.
+        With `changed`, and the model's rows already there with its current shape and alias, only those
+        metric columns are recomputed."""
         from atlas import schema
+
+        if model_key is not None and changed and self._wide_is_current(model_key):
+            self._update_wide(model_key, schema.wide_columns(sorted(changed)))
+            return
 
         have = {r[0] for r in self.con.execute(
             "SELECT column_name FROM duckdb_columns() WHERE table_name = 'head_roles_wide' "
@@ -358,6 +412,45 @@ class Atlas:
         self.con.execute(f"INSERT INTO head_roles_wide BY NAME SELECT h.*, p.* EXCLUDE (model_key, layer, head) "
                          f"FROM ({heads}) h LEFT JOIN {pivot} p USING (model_key, layer, head) "
                          f"ORDER BY h.model_key, h.layer, h.head")
+
+
+    def _wide_is_current(self, model_key: str) -> bool:
+        """The model's wide rows exist, every metric column exists, and the heads columns match its models row."""
+        from atlas import schema
+
+        have = {r[0] for r in self.con.execute(
+            "SELECT column_name FROM duckdb_columns() WHERE table_name = 'head_roles_wide' "
+            "AND schema_name = 'main' AND database_name = current_database()").fetchall()}
+        if any(m not in have for m in schema.wide_columns([r[0] for r in self.metric_ids()])):
+            return False
+        found = self.con.execute(
+            "SELECT count(*), count(*) FILTER (WHERE w.alias IS NOT DISTINCT FROM m.alias AND w.n_layers = m.n_layers "
+            "AND w.n_heads = m.n_heads AND w.n_kv_heads = m.n_kv_heads), any_value(m.n_layers * m.n_heads) "
+            "FROM head_roles_wide w JOIN models m USING (model_key) WHERE model_key = ?", [model_key]).fetchall()[0]
+        return found[0] > 0 and found[0] == found[1] == found[2]
+
+    def _update_wide(self, model_key: str, metrics: list[str]) -> None:
+        """Recompute some metric columns of one model's wide rows (the rest are copied as they are)."""
+        from atlas import schema
+
+        if not metrics:
+            return
+        key = schema.sql_text(model_key)
+        listed = ", ".join(schema.sql_text(m) for m in metrics)
+        replaced = ", ".join(f'p."{m}" AS "{m}"' for m in metrics)
+        pivot = (f"(PIVOT (SELECT model_key, layer, head, metric, value FROM latest_head_metrics "
+                 f"WHERE model_key = {key} AND metric IN ({listed})) "
+                 f"ON metric IN ({listed}) USING first(value) GROUP BY model_key, layer, head)")
+        self.con.execute(f"CREATE OR REPLACE TEMP TABLE _wide AS SELECT w.* REPLACE ({replaced}) "
+                         f"FROM head_roles_wide w LEFT JOIN {pivot} p ON p.model_key = w.model_key "
+                         f"AND p.layer = w.layer AND p.head = w.head WHERE w.model_key = {key}")
+        self.con.execute("DELETE FROM head_roles_wide WHERE model_key = ?", [model_key])
+        self.con.execute("INSERT INTO head_roles_wide BY NAME SELECT * FROM _wide ORDER BY layer, head")
+        self.con.execute("DROP TABLE _wide")
+
+
+def _to_sql_datetime(value: Any) -> Any:
+    return datetime.fromisoformat(value) if isinstance(value, str) else value
 
 
 def _one_line(exc: BaseException) -> str:
