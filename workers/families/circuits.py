@@ -40,6 +40,8 @@ matrices of the same shapes, the level a score must clear to mean anything (Elha
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -53,6 +55,18 @@ from workers.options import SEED, Option, resolve
 
 KINDS = ("q", "k", "v")
 VOCAB_CHUNK = 8192  # unembedding rows read at a time when forming W_U^T W_E (bounds float32 copies)
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Small (d_head-sized) LAPACK calls on one thread: on a busy CPU, two OpenMP threads made
+    torch.linalg.eigvals of four 256 x 256 matrices take 9.9 s instead of 0.29 s (load average 8, 2 cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # -- reading the weights ------------------------------------------------------------------------
@@ -141,7 +155,7 @@ def unembed_embed(adapter: BoundAdapter, chunk: int = VOCAB_CHUNK) -> torch.Tens
     n = min(w_u.shape[0], w_e.shape[0])  # a padded unembedding may have extra rows
     out = torch.zeros(w_u.shape[1], w_e.shape[1], dtype=torch.float64)
     for start in range(0, n, chunk):
-        out += (w_u[start:start + chunk].double().T @ w_e[start:start + chunk].double())
+        out += (w_u[start:start + chunk].float().T @ w_e[start:start + chunk].float()).double()  # fp64 sum
     return out.float()
 
 
@@ -154,7 +168,8 @@ def copying_scores(readout: torch.Tensor, ue: torch.Tensor, v: torch.Tensor,
     """
     through = torch.einsum("de,kef->kdf", ue, v)  # (KV, d, dh): one d x d x dh product per KV head
     small = torch.einsum("hid,hdj->hij", readout, through[kv_of]).double()
-    eig = torch.linalg.eigvals(small)  # (H, dh), complex
+    with one_thread():
+        eig = torch.linalg.eigvals(small)  # (H, dh), complex
     copying = eig.real.sum(-1) / eig.abs().sum(-1).clamp_min(1e-300)
     positive = (eig.real > 0).double().mean(-1)
     return copying.float(), positive.float()
@@ -166,7 +181,8 @@ def gram_root(w: torch.Tensor, side: str) -> torch.Tensor:
 
     By eigendecomposition, not Cholesky: a rank-deficient head (zero rows) must not fail."""
     gram = w.transpose(-1, -2) @ w if side == "right" else w @ w.transpose(-1, -2)
-    vals, vecs = torch.linalg.eigh(gram.double())
+    with one_thread():
+        vals, vecs = torch.linalg.eigh(gram.double())
     return (vecs * vals.clamp_min(0).sqrt()[..., None, :]).float()
 
 
