@@ -51,17 +51,22 @@ def head_metrics(atlas: Atlas, model_key: str, layer: int, head: int) -> pa.Tabl
 
 
 def head_tokens(atlas: Atlas, model_key: str, layer: int, head: int, top: int) -> dict[str, pa.Table]:
-    """{kind: table of rank, token_text, token_id, score} from the latest complete run per kind."""
-    import pyarrow.compute as pc
+    """{kind: table of rank, token_text, token_id, score} from the latest complete run per kind.
 
+    The rows come sorted by kind and are sliced, not filtered: a filter on a Python value would
+    import pandas (pyarrow converts the value), which `atlas show` would pay for at start-up."""
     table = atlas.execute(f"""
         SELECT kind, rank, token_text, token_id, score, family
         FROM ({LATEST_PER.format(table="head_tokens", group="kind")})
         WHERE newest = 1 AND rank <= ? ORDER BY kind, rank""", [model_key, layer, head, top])
+    kinds = table.column("kind").to_pylist()
+    rest = table.drop_columns(["kind"])
     out: dict[str, pa.Table] = {}
-    for kind in sorted(set(table.column("kind").to_pylist())):
-        mask = pc.equal(table.column("kind"), kind)
-        out[kind] = table.filter(mask).drop_columns(["kind"])
+    start = 0
+    for end in range(1, len(kinds) + 1):
+        if end == len(kinds) or kinds[end] != kinds[start]:
+            out[kinds[start]] = rest.slice(start, end - start)
+            start = end
     return out
 
 

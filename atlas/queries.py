@@ -84,28 +84,32 @@ def list_models(atlas: Atlas) -> pa.Table:
 
 
 def role_summary(atlas: Atlas, model: str | None = None, top: int = 5) -> pa.Table:
-    """Per role (stored thresholds): how many heads pass, and the top heads with their scores."""
-    import pyarrow as pa
+    """Per role (stored thresholds): how many heads pass, and the top heads with their scores.
 
+    One query, answered as Arrow by DuckDB (Arrow built from Python values would import pandas)."""
     model_key = resolve_model_key(atlas, model) if model else None
-    roles = atlas.con.execute("SELECT metric, threshold, label FROM role_thresholds ORDER BY metric").fetchall()
-    rows = []
-    for metric, threshold, label in roles:
-        where, params = "metric = ?", [metric]
-        if model_key:
-            where, params = where + " AND model_key = ?", [metric, model_key]
-        counts = atlas.con.execute(
-            f"SELECT model_key, count(*) FILTER (WHERE value > ? AND NOT isnan(value)), count(*) "
-            f"FROM latest_head_metrics WHERE {where} GROUP BY model_key ORDER BY model_key",
-            [threshold, *params]).fetchall()
-        best: dict[str, list[tuple[int, int, float]]] = {}
-        for key, layer, head, value in atlas.con.execute(
-                f"SELECT model_key, layer, head, value FROM latest_head_metrics WHERE {where} AND rank <= ? "
-                f"ORDER BY model_key, value DESC, layer, head", [*params, top]).fetchall():
-            best.setdefault(key, []).append((layer, head, value))
-        for key, above, total in counts:
-            rows.append({"role": label, "metric": metric, "threshold": threshold, "model_key": key,
-                         "heads_above": above, "of": total,
-                         "top_heads": ", ".join(f"{layer}.{head} ({value:.2f})"
-                                                for layer, head, value in best.get(key, [])[:top])})
-    return pa.Table.from_pylist(rows) if rows else pa.table({"role": pa.array([], pa.string())})
+    only = "AND l.model_key = ?" if model_key else ""
+    keys = [model_key] if model_key else []
+    table = atlas.execute(f"""
+        WITH counts AS (
+            SELECT l.metric, l.model_key, count(*) AS "of",
+                   count(*) FILTER (WHERE l.value > t.threshold AND NOT isnan(l.value)) AS heads_above
+            FROM latest_head_metrics l JOIN role_thresholds t USING (metric)
+            WHERE true {only} GROUP BY l.metric, l.model_key),
+        best AS (
+            SELECT metric, model_key,
+                   string_agg(printf('%d.%d (%.2f)', layer, head, value), ', ' ORDER BY value DESC, layer, head)
+                       AS top_heads
+            FROM (SELECT l.* FROM latest_head_metrics l
+                  WHERE l.rank <= ? AND l.metric IN (SELECT metric FROM role_thresholds) {only}
+                  QUALIFY row_number() OVER (PARTITION BY l.metric, l.model_key
+                                             ORDER BY l.value DESC, l.layer, l.head) <= ?)
+            GROUP BY metric, model_key)
+        SELECT t.label AS role, t.metric, t.threshold, c.model_key, c.heads_above, c."of",
+               coalesce(b.top_heads, '') AS top_heads
+        FROM role_thresholds t JOIN counts c ON c.metric = t.metric
+        LEFT JOIN best b ON b.metric = c.metric AND b.model_key = c.model_key
+        ORDER BY t.metric, c.model_key""", [*keys, top, *keys, top])
+    if table.num_rows == 0:
+        return atlas.execute("SELECT NULL::VARCHAR AS role LIMIT 0")
+    return table

@@ -186,14 +186,12 @@ def models(
 
     Example: atlas models --json
     """
-    import pyarrow as pa
-
     from atlas.aliases import aliases
     from atlas.queries import list_models
     from atlas.store import Atlas
 
     fmt = output_format(fmt, as_json)
-    in_atlas = pa.table({})
+    in_atlas: Any = None  # an Arrow table; none without a file (pa.table({}) would import pandas)
     if server:
         from atlas.client import Client
 
@@ -202,13 +200,12 @@ def models(
     elif db.exists():
         with Atlas(db) as atlas:
             in_atlas = list_models(atlas)
-    known = pa.Table.from_pylist([{"alias": name, "name": entry["name"], "package": entry["package"],
-                                   "install": entry["install"], "origin": entry["origin"]}
-                                  for name, entry in aliases().items()])
+    known = [{"alias": name, "name": entry["name"], "package": entry["package"], "install": entry["install"],
+              "origin": entry["origin"]} for name, entry in aliases().items()]
     if fmt is Format.json:
-        emit_json({"models": in_atlas.to_pylist(), "aliases": known.to_pylist()})
+        emit_json({"models": in_atlas.to_pylist() if in_atlas is not None else [], "aliases": known})
         return
-    if in_atlas.num_rows:
+    if in_atlas is not None and in_atlas.num_rows:
         emit(in_atlas, fmt, title=f"models in {db}")
     else:
         stderr.print(f"no models in {db} yet")

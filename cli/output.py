@@ -29,27 +29,33 @@ def _cell(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def emit(table: pa.Table, fmt: Format = Format.table, title: str | None = None) -> None:
-    if fmt is Format.json:
-        typer.echo(json.dumps(table.to_pylist(), default=str))
-    elif fmt is Format.csv:
+def emit(table: pa.Table | list[dict[str, Any]], fmt: Format = Format.table, title: str | None = None) -> None:
+    """Print a table, or rows as dicts (printed the same; Arrow built from Python values would import pandas)."""
+    if fmt is Format.csv:
+        import pyarrow as pa
         import pyarrow.csv as pacsv
 
+        arrow = pa.Table.from_pylist(table) if isinstance(table, list) else table
         buffer = io.BytesIO()
-        pacsv.write_csv(table, buffer)
+        pacsv.write_csv(arrow, buffer)
         typer.echo(buffer.getvalue().decode(), nl=False)
+        return
+    rows = table if isinstance(table, list) else table.to_pylist()
+    names = (list(rows[0]) if rows else []) if isinstance(table, list) else table.column_names
+    if fmt is Format.json:
+        typer.echo(json.dumps(rows, default=str))
     elif sys.stdout.isatty():
         from rich.table import Table
 
         view = Table(title=title)
-        for name in table.column_names:
+        for name in names:
             view.add_column(name)
-        for row in table.to_pylist():
+        for row in rows:
             view.add_row(*(_cell(v) for v in row.values()))
         Console().print(view)
     else:  # piped: plain tab-separated text with a header
-        typer.echo("\t".join(table.column_names))
-        for row in table.to_pylist():
+        typer.echo("\t".join(names))
+        for row in rows:
             typer.echo("\t".join(_cell(v) for v in row.values()))
 
 

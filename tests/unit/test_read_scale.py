@@ -206,3 +206,21 @@ def test_an_arrow_shard_table_is_checked_column_wise(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="does not fit int32"):
         checked_arrow("head_metrics", table.set_column(0, "layer", pa.array([0, 2**40])), run)
     assert checked_arrow("head_metrics", table.set_column(3, "value", pa.array([True, False])), run) is None
+
+
+def test_role_summary_is_the_version_1_count_and_top_heads(fresh_atlas: Path) -> None:
+    db = history(fresh_atlas)
+    with Atlas(db) as atlas:
+        got = role_summary(atlas, top=3).to_pylist()
+        roles = atlas.con.execute("SELECT metric, threshold, label FROM role_thresholds ORDER BY metric").fetchall()
+        expected = []
+        for metric, threshold, label in roles:  # as version 1 computed it, in Python over latest_metrics
+            rows = atlas.con.execute("SELECT model_key, layer, head, value FROM latest_metrics WHERE metric = ? "
+                                     "ORDER BY model_key, value DESC, layer, head", [metric]).fetchall()
+            for key in dict.fromkeys(r[0] for r in rows):
+                heads = [r for r in rows if r[0] == key]
+                expected.append({"role": label, "metric": metric, "threshold": threshold, "model_key": key,
+                                 "heads_above": sum(r[3] > threshold for r in heads), "of": len(heads),
+                                 "top_heads": ", ".join(f"{r[1]}.{r[2]} ({r[3]:.2f})" for r in heads[:3])})
+    assert got == expected
+    assert {r["metric"] for r in got} == {"patterns.induction", "patterns.prev_token", "patterns.bos_sink"}
