@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             options[key] = json.loads(value)
         except json.JSONDecodeError:
             options[key] = value
-    families = [f.strip() for f in args.families.split(",") if f.strip()]
+    families = list(FAMILIES) if args.families == "all" else [f.strip() for f in args.families.split(",") if f.strip()]
     rows: list[dict[str, Any]] = []
     if args.validate:
         rows = validate_model(args.validate, args, families, options)

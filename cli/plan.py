@@ -79,6 +79,7 @@ def plan(
         raise BadInput("nothing to plan", "pass --model MODEL (repeatable) or a sweep file")
     rows: list[dict[str, Any]] = []
     profiles: dict[str, str] = {}
+    unpriced = sorted({name for _, names, _ in builds for name in names if name not in cost.WORK})
     for models, names, options in builds:
         for spec in models:
             shape = Shape.from_config(cost.model_config(spec))
@@ -94,13 +95,16 @@ def plan(
     import pyarrow as pa  # loaded when the command runs (the CLI starts light)
 
     if fmt is Format.json:
-        emit_json({"gpu": gpu, "devices": devices, "profiles": profiles, "units": rows, "total": total})
+        emit_json({"gpu": gpu, "devices": devices, "profiles": profiles, "units": rows, "total": total,
+                   "not_priced": unpriced})
         return
     emit(pa.Table.from_pylist(rows), fmt, title="estimated per unit")
     stderr.print(f"total: {total['units']} units, {total['tflop']} TFLOP on the device + {total['host_tflop']} on "
                  f"the host, peak {total['peak_gb']} GB, about {_duration(total['seconds'])} (an estimate)")
     for spec, source in profiles.items():
         stderr.print(f"  {spec}: {source}", highlight=False)
+    if unpriced:
+        stderr.print(f"  not priced (no formula in workers/cost.py): {', '.join(unpriced)}", highlight=False)
 
 
 def _duration(seconds: float) -> str:

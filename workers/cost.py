@@ -445,13 +445,14 @@ def calibrate(s: Shape, device: str = "cpu", tokens: int = 512, repeats: int = 3
 
 def plan_units(s: Shape, families: list[str], options: dict[str, Any], profile: Profile,
                devices: int = 1) -> list[Estimate]:
-    """Estimates for one model and the families of one build, with the options validated as a build would."""
+    """Estimates for one model and the families of one build, with the options validated as a build would;
+    a family the cost model has no formula for (a plugin) is left out (`atlas plan` names it)."""
     from workers.families import get_family
     from workers.options import validate
 
     chosen = [get_family(name) for name in families]
     options = validate(chosen, options)
-    return [estimate(s, f.name, f.config(options), profile, devices) for f in chosen]
+    return [estimate(s, f.name, f.config(options), profile, devices) for f in chosen if f.name in WORK]
 
 
 def as_dict(e: Estimate) -> dict[str, Any]:
