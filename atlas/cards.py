@@ -32,6 +32,14 @@ def head_card(atlas: Atlas, model: str, head_spec: str, top: int = 10) -> dict[s
     layer, head = parse_head(head_spec)
     model_key = resolve_model_key(atlas, model)
     info = atlas.execute("SELECT * FROM models WHERE model_key = ?", [model_key]).to_pylist()[0]
+    return model_head_card(atlas, info, layer, head, top, model)
+
+
+def model_head_card(atlas: Atlas, info: dict[str, Any], layer: int, head: int, top: int = 10,
+                    model: str | None = None) -> dict[str, Any]:
+    """The card of a head of a model already looked up (`info`: its models row)."""
+    model_key = info["model_key"]
+    model = model or model_key
     if not (0 <= layer < info["n_layers"] and 0 <= head < info["n_heads"]):
         raise NotFound(f"{model} has no head {layer}.{head}",
                        f"layers 0..{info['n_layers'] - 1}, heads 0..{info['n_heads'] - 1}")

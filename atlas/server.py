@@ -301,7 +301,7 @@ def create_app(service: AtlasService, *, token: str | None = None, build_token: 
     def card(model: str, layer: int, head: int) -> dict[str, Any]:
         check_index(layer, head)
         with service.reader() as atlas:
-            return json_safe(head_card(atlas, exact_model_key(atlas, model), layer, head))
+            return json_safe(head_card(atlas, model, layer, head))  # resolves the model exactly, once
 
     @app.get("/api/schema", tags=["read"], summary="Tables and views with their columns, for SQL")
     def schema() -> dict[str, list[str]]:

@@ -54,18 +54,22 @@ def exact_model_key(atlas: Any, spec: str) -> str:
 
 
 def model_row(atlas: Any, model: str) -> dict[str, Any]:
-    key = exact_model_key(atlas, model)
-    return atlas.execute("SELECT * FROM models WHERE model_key = ?", [key]).to_pylist()[0]
+    """The models row an alias, a full key or a `name@` prefix names (exactly, as exact_model_key)."""
+    found = atlas.execute("SELECT * FROM models WHERE alias = ? OR model_key = ? OR starts_with(model_key, ?) "
+                          "ORDER BY model_key", [model, model, model + "@"]).to_pylist()
+    if len(found) == 1:
+        return found[0]
+    exact_model_key(atlas, model)  # raises the not-found or ambiguous error
+    raise AssertionError("unreachable: exact_model_key found one model where model_row found none")
 
 
 def head_card(atlas: Any, model: str, layer: int, head: int, top: int = 10) -> dict[str, Any]:
     """The head card of atlas/cards.py (metrics with their rank in the model, tokens per kind, concept
     scores), plus the head's role labels and the model's runs, which the head page shows."""
-    from atlas.cards import card_json
-    from atlas.cards import head_card as card_of
+    from atlas.cards import card_json, model_head_card
 
-    card = card_json(card_of(atlas, exact_model_key(atlas, model), f"{layer}.{head}", top))
-    m = model_row(atlas, card["model_key"])
+    m = model_row(atlas, model)  # one lookup: the card parts below take the row
+    card = card_json(model_head_card(atlas, m, layer, head, top, m["model_key"]))
     labels = atlas.execute("SELECT label, metric, value, threshold FROM head_labels "
                            "WHERE model_key = ? AND layer = ? AND head = ? ORDER BY label",
                            [card["model_key"], layer, head]).to_pylist()
