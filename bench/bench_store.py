@@ -206,7 +206,7 @@ def run_size(n_models: int, args: argparse.Namespace, root: Path) -> dict[str, A
         for name, fn in read_ops(atlas, models, rng).items():
             if name in args.skip:
                 continue
-            result["reads"][name] = timed(fn, args.reads)
+            result["reads"][name] = timed(fn, args.compare_reads if name == "compare" else args.reads)
     if args.http:
         result["reads"]["head_card_http"] = http_card(db, models, args.reads, rng)
     if not args.keep:
@@ -220,6 +220,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--heads-scale", type=float, default=1.0, help="Multiplies every model's layers.")
     parser.add_argument("--runs", type=int, default=2, help="Runs of every family per model (history).")
     parser.add_argument("--reads", type=int, default=50, help="Timed calls per read operation.")
+    parser.add_argument("--compare-reads", type=int, default=5, help="Timed calls of the compare (seconds each).")
     parser.add_argument("--http", action="store_true", help="Also time head cards from a real atlas serve.")
     parser.add_argument("--skip", default="", help=f"Read operations to leave out: {', '.join(READS)}.")
     parser.add_argument("--dir", type=Path, default=None, help="Where the atlases go (default: a temp dir).")

@@ -70,8 +70,9 @@ def head_card(atlas: Any, model: str, layer: int, head: int, top: int = 10) -> d
 
     m = model_row(atlas, model)  # one lookup: the card parts below take the row
     card = card_json(model_head_card(atlas, m, layer, head, top, m["model_key"]))
-    labels = atlas.execute("SELECT label, metric, value, threshold FROM head_labels "
-                           "WHERE model_key = ? AND layer = ? AND head = ? ORDER BY label",
+    labels = atlas.execute("SELECT t.label, l.metric, l.value, t.threshold FROM latest_head_metrics l "
+                           "JOIN role_thresholds t ON t.metric = l.metric WHERE l.model_key = ? AND l.layer = ? "
+                           "AND l.head = ? AND l.value > t.threshold ORDER BY t.label",  # head_labels, filtered first
                            [card["model_key"], layer, head]).to_pylist()
     runs = atlas.execute("SELECT run_id, family, family_version, probe_set, status, finished_at FROM runs "
                          "WHERE model_key = ? ORDER BY family, finished_at", [card["model_key"]]).to_pylist()
