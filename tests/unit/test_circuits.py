@@ -155,6 +155,10 @@ def test_circuits_runs_on_every_architecture(architecture, tmp_path):
     assert first_non_finite(result.tables) is None
     assert all(-1 - 1e-6 <= r["value"] <= 1 + 1e-6 for r in rows if r["metric"] == "circuits.copying")
     assert all(0 <= r["value"] <= 1 + 1e-6 for r in rows if r["metric"].endswith(("_comp_max", "_comp_mean")))
+    for kind in ("q", "k", "v"):  # the best pair seen from its reader and from its writer
+        best_in = max(r["value"] for r in rows if r["metric"] == f"circuits.{kind}_comp_max")
+        best_out = max(r["value"] for r in rows if r["metric"] == f"circuits.{kind}_comp_out_max")
+        assert math.isclose(best_in, best_out, rel_tol=1e-6)
     partners = [(r["value"], r["layer"]) for r in rows if r["metric"] == "circuits.v_comp_partner_layer"]
     assert all(p < layer for p, layer in partners)
     absolute = architecture == "GPT2LMHeadModel"  # the only one with learned position embeddings

@@ -292,7 +292,7 @@ class CircuitsFamily:
         copying = torch.zeros(a.n_layers, a.n_heads)
         positive = torch.zeros(a.n_layers, a.n_heads)
         prev_positional = torch.zeros(a.n_layers, a.n_heads)
-        factors: list[CompositionFactors] = []
+        stats = CompositionStats(a.n_layers, a.n_heads) if config["composition"] else None
         with torch.inference_mode():
             for layer in range(a.n_layers):
                 w = head_weights(a, layer)
@@ -303,15 +303,15 @@ class CircuitsFamily:
                     centred_pos = centre(positions, isinstance(input_norm(a, layer), torch.nn.LayerNorm))
                     unit = positions / centred_pos.square().mean(-1, keepdim=True).sqrt().clamp_min(1e-12)
                     prev_positional[layer] = positional_prev_token(unit, w, kv_of)
-                if config["composition"]:
-                    factors.append(CompositionFactors.of(w, kv_of))
+                if stats is not None:
+                    stats.add(layer, CompositionFactors.of(w, kv_of))
         rows = head_metric_rows("circuits.copying", copying, None, 1)
         rows += head_metric_rows("circuits.copying_positive_share", positive, None, a.d_head)
         if positions is not None:
             rows += head_metric_rows("circuits.qk_prev_token_positional", prev_positional, None, len(positions))
         run_metrics: list[dict[str, Any]] = []
-        if factors:
-            rows += composition_rows(factors)
+        if stats is not None:
+            rows += stats.metric_rows()
             baseline = composition_baseline(a.d_model, a.d_head, config["seed"])
             run_metrics.append({"metric": "circuits.composition_baseline", "value": sum(baseline.values()) / 3,
                                 "detail": baseline})
@@ -320,27 +320,39 @@ class CircuitsFamily:
             "not defined: rotary position embeddings, no absolute positional embedding to read"})
 
 
-def composition_rows(factors: list[CompositionFactors]) -> list[dict[str, Any]]:
-    """head_metrics rows: per reader head its max / mean / partner over earlier heads, per writer its
-    max over later heads, for each kind."""
-    n_layers, n_heads = len(factors), factors[0].writer.shape[0]
-    rows: list[dict[str, Any]] = []
-    for kind in KINDS:
-        out_max = torch.zeros(n_layers, n_heads)
-        for b in range(1, n_layers):
-            scores = torch.cat([composition(factors[a].writer, factors[b].readers[kind])
-                                for a in range(b)])  # (b * H, H): writers of layers 0..b-1 x readers of b
-            best, where = scores.max(0)
-            for a in range(b):
-                out_max[a] = torch.maximum(out_max[a], scores[a * n_heads:(a + 1) * n_heads].max(1).values)
-            n = scores.shape[0]
-            for head in range(n_heads):
-                partner = int(where[head])
-                for metric, value in ((f"{kind}_comp_max", best[head]), (f"{kind}_comp_mean", scores[:, head].mean()),
-                                      (f"{kind}_comp_partner_layer", partner // n_heads),
-                                      (f"{kind}_comp_partner_head", partner % n_heads)):
-                    rows.append({"layer": b, "head": head, "metric": f"circuits.{metric}", "value": float(value),
-                                 "n": n, "stderr": None})
-        rows += [r for r in head_metric_rows(f"circuits.{kind}_comp_out_max", out_max, None, 0)
-                 if r["layer"] < n_layers - 1]  # the last layer writes to no later head
-    return rows
+class CompositionStats:
+    """Streams the layers: each layer's readers meet the stored writers of every earlier layer, then its own
+    writer is kept (only writers stay: (layers, heads, d_head, d_model) floats, a quarter of all factors)."""
+
+    def __init__(self, n_layers: int, n_heads: int) -> None:
+        self.writers: list[torch.Tensor] = []
+        self.rows: list[dict[str, Any]] = []
+        self.out_max = {kind: torch.zeros(n_layers, n_heads) for kind in KINDS}
+        self.n_layers, self.n_heads = n_layers, n_heads
+
+    def add(self, layer: int, factors: CompositionFactors) -> None:
+        h = self.n_heads
+        if self.writers:
+            for kind in KINDS:
+                scores = torch.cat([composition(writer, factors.readers[kind])
+                                    for writer in self.writers])  # (layer * H, H): earlier writers x readers
+                best, where = scores.max(0)
+                per_writer = scores.max(1).values.reshape(layer, h)
+                self.out_max[kind][:layer] = torch.maximum(self.out_max[kind][:layer], per_writer)
+                for head in range(h):
+                    partner = int(where[head])
+                    for metric, value in ((f"{kind}_comp_max", best[head]),
+                                          (f"{kind}_comp_mean", scores[:, head].mean()),
+                                          (f"{kind}_comp_partner_layer", partner // h),
+                                          (f"{kind}_comp_partner_head", partner % h)):
+                        self.rows.append({"layer": layer, "head": head, "metric": f"circuits.{metric}",
+                                          "value": float(value), "n": scores.shape[0], "stderr": None})
+        self.writers.append(factors.writer)
+
+    def metric_rows(self) -> list[dict[str, Any]]:
+        """Reader rows (layers >= 1) and writer rows (every layer but the last, which writes to no later head)."""
+        rows = list(self.rows)
+        for kind in KINDS:
+            rows += [r for r in head_metric_rows(f"circuits.{kind}_comp_out_max", self.out_max[kind], None, 0)
+                     if r["layer"] < self.n_layers - 1]
+        return rows
