@@ -112,10 +112,15 @@ def random_model(name: str, layers: int | None, device: str, dtype: Any) -> tupl
 
 
 class PeakMemory:
-    """Peak bytes during a block: CUDA's allocator peak, or the process RSS sampled every 20 ms on a CPU."""
+    """Peak bytes during a block: CUDA's allocator peak, or the process RSS sampled every 20 ms on a CPU;
+    `extra` is the growth over what was held when the block started (the weights, on a loaded model)."""
 
     def __init__(self, device: str) -> None:
-        self.device, self.peak, self._stop = device, 0, threading.Event()
+        self.device, self.peak, self.start, self._stop = device, 0, 0, threading.Event()
+
+    @property
+    def extra(self) -> int:
+        return max(0, self.peak - self.start)
 
     def __enter__(self) -> PeakMemory:
         import torch
@@ -123,11 +128,12 @@ class PeakMemory:
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
         else:
             import psutil
 
             proc = psutil.Process()
-            self.peak = proc.memory_info().rss
+            self.peak = self.start = proc.memory_info().rss
 
             def sample() -> None:
                 while not self._stop.wait(0.02):
@@ -187,7 +193,10 @@ def run_families(lm: Any, families: list[str], options: dict[str, Any], dtype: s
             with PeakMemory(lm.device) as peak:
                 result = next(iter(executor.run([unit], Path(shards))))
             out.append({"family": unit.family, "config": unit.config, "ok": result.ok, "seconds": result.seconds,
-                        "tokens": result.tokens, "peak_bytes": peak.peak, "error": result.error})
+                        "tokens": result.tokens, "extra_bytes": peak.extra, "error": result.error})
+            state = "ok" if result.ok else "FAILED"
+            print(f"# {unit.family}: {state} in {result.seconds:.1f} s, {result.tokens} tokens"
+                  f" (load average {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
     return out
 
 
@@ -256,8 +265,10 @@ def bench_config(name: str, args: argparse.Namespace, families: list[str], optio
                      "dtype": dtype_name, "family": family, "ok": r["ok"], "seconds": round(r["seconds"], 2),
                      "predicted_s": round(predicted, 2), "tokens": r["tokens"], "tokens_per_s": round(tps, 1),
                      "vs_plain_forward": round(tps / plain, 3) if plain else None,
-                     "peak_over_weights": round(r["peak_bytes"] / weights, 2) if device.startswith("cuda")
-                     else round(1 + max(0, r["peak_bytes"] - weights) / weights, 2),
+                     "peak_over_weights": round((weights + r["extra_bytes"]) / weights, 2),
+                     "activation_gb": round(r["extra_bytes"] / 1e9, 3),
+                     "predicted_activation_gb": round(estimate(bench_shape, family, config, profile).work
+                                                      .activation_bytes / 1e9, 3),
                      "full_atlas_default_s": round(full_default, 1), "full_atlas_paper_s": round(full_paper, 1),
                      "devices_for_full_model": devices, "error": (r["error"] or "").split("\n")[0][:200]})
     print(f"# {name}: {bench_shape.n_layers}/{full_shape.n_layers} blocks, {weights / 1e9:.2f} GB of weights "
@@ -269,18 +280,22 @@ def validate_model(spec: str, args: argparse.Namespace, families: list[str], opt
     """Predicted (cost model on this machine, calibrated now) vs measured seconds for a real model."""
     from workers.batching import Shape
     from workers.cost import calibrate, estimate
+    from workers.families import get_family
     from workers.models import load, resolve
 
     lm = load(resolve(spec), args.device)
     shape = Shape.from_config(lm.model.config)
-    profile = calibrate(shape, lm.device)
     rows = []
-    for r in run_families(lm, families, options, lm.dtype):
-        predicted = estimate(shape, r["family"], r["config"], profile).seconds
-        rows.append({"model": spec, "family": r["family"], "ok": r["ok"], "measured_s": round(r["seconds"], 2),
-                     "predicted_s": round(predicted, 2), "ratio": round(predicted / r["seconds"], 2),
-                     "tokens": r["tokens"]})
-    print(f"# {spec}: {profile.source}; load average {os.getloadavg()}", file=sys.stderr)
+    for family in families:  # calibrated again before each family: a shared host's load drifts
+        profile = calibrate(shape, lm.device)
+        picked = {k: v for k, v in options.items() if k in {o.name for o in get_family(family).options}}
+        for r in run_families(lm, [family], picked, lm.dtype):
+            predicted = estimate(shape, r["family"], r["config"], profile).seconds
+            rows.append({"model": spec, "family": r["family"], "ok": r["ok"], "measured_s": round(r["seconds"], 2),
+                         "predicted_s": round(predicted, 2), "ratio": round(predicted / r["seconds"], 2),
+                         "tokens": r["tokens"], "load_average": round(os.getloadavg()[0], 1),
+                         "profile": profile.source})
+            print("\t".join(str(v) for v in rows[-1].values()), file=sys.stderr, flush=True)
     return rows
 
 
