@@ -289,7 +289,7 @@ class Atlas:
                 finally:
                     self.con.unregister("_shard")
                 rows += table.num_rows
-            metrics = self._run_metrics(run.run_id)
+            metrics = _metric_set(tables["head_metrics"]) if "head_metrics" in tables else self._run_metrics(run.run_id)
             if "head_metrics" in tables and not touched and self._is_newest(run, metrics):
                 self._merge_latest(run.model_key, tables["head_metrics"], metrics)
                 self._refresh_wide(run.model_key, metrics)
@@ -371,7 +371,6 @@ class Atlas:
                       SELECT * FROM _old_latest o WHERE NOT EXISTS (
                           SELECT 1 FROM _shard s WHERE s.metric = o.metric AND s.layer = o.layer AND s.head = o.head))
                 ORDER BY metric, layer, head""")
-            self.con.execute("DROP TABLE _old_latest")
         finally:
             self.con.unregister("_shard")
 
@@ -415,19 +414,18 @@ class Atlas:
 
 
     def _wide_is_current(self, model_key: str) -> bool:
-        """The model's wide rows exist, every metric column exists, and the heads columns match its models row."""
-        from atlas import schema
-
-        have = {r[0] for r in self.con.execute(
-            "SELECT column_name FROM duckdb_columns() WHERE table_name = 'head_roles_wide' "
-            "AND schema_name = 'main' AND database_name = current_database()").fetchall()}
-        if any(m not in have for m in schema.wide_columns([r[0] for r in self.metric_ids()])):
-            return False
+        """The model's wide rows exist, every metric has its column (metric ids with a quote have none,
+        see schema.wide_columns), and the heads columns match its models row. One statement."""
         found = self.con.execute(
-            "SELECT count(*), count(*) FILTER (WHERE w.alias IS NOT DISTINCT FROM m.alias AND w.n_layers = m.n_layers "
-            "AND w.n_heads = m.n_heads AND w.n_kv_heads = m.n_kv_heads), any_value(m.n_layers * m.n_heads) "
+            "SELECT count(*), count(*) FILTER (WHERE w.alias IS NOT DISTINCT FROM m.alias "
+            "AND w.n_layers = m.n_layers AND w.n_heads = m.n_heads AND w.n_kv_heads = m.n_kv_heads), "
+            "any_value(m.n_layers * m.n_heads), "
+            "(SELECT count(*) FROM (SELECT DISTINCT metric FROM metric_runs) mr "
+            " WHERE NOT contains(mr.metric, chr(39)) AND NOT contains(mr.metric, chr(34)) "
+            " AND mr.metric NOT IN (SELECT column_name FROM duckdb_columns() WHERE table_name = 'head_roles_wide' "
+            "   AND schema_name = 'main' AND database_name = current_database())) "
             "FROM head_roles_wide w JOIN models m USING (model_key) WHERE model_key = ?", [model_key]).fetchall()[0]
-        return found[0] > 0 and found[0] == found[1] == found[2]
+        return found[3] == 0 and found[0] > 0 and found[0] == found[1] == found[2]
 
     def _update_wide(self, model_key: str, metrics: list[str]) -> None:
         """Recompute some metric columns of one model's wide rows (the rest are copied as they are)."""
@@ -446,7 +444,13 @@ class Atlas:
                          f"AND p.layer = w.layer AND p.head = w.head WHERE w.model_key = {key}")
         self.con.execute("DELETE FROM head_roles_wide WHERE model_key = ?", [model_key])
         self.con.execute("INSERT INTO head_roles_wide BY NAME SELECT * FROM _wide ORDER BY layer, head")
-        self.con.execute("DROP TABLE _wide")
+
+
+def _metric_set(table: pa.Table) -> set[str]:
+    """The metric ids of a head_metrics shard table (what _index_run just recorded for the run)."""
+    import pyarrow.compute as pc
+
+    return set(pc.unique(table.column("metric")).to_pylist())
 
 
 def _to_sql_datetime(value: Any) -> Any:
