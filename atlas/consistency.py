@@ -6,7 +6,9 @@ two top-k sets are more alike than k heads drawn at random from each model:
 
 - `depth`: mean |depth_a - depth_b| over the k x k pairs (depth = layer / (n_layers - 1)); lower = alike.
 - `profile`: mean rank-profile similarity (atlas.match) over the k x k pairs, computed *without* the
-  property itself (leave-one-out), so the match is not the property agreeing with itself; higher = alike.
+  property and without every feature that is nearly the same ranking of heads (|rank correlation| above
+  ALIAS_CORRELATION with the property in either model, e.g. `patterns.induction_tl` for
+  `patterns.induction`), so the match is not the property agreeing with itself; higher = alike.
 - `tokens`: mean Jaccard overlap of the heads' lens readouts (atlas.match), when both models have them.
 - `recovery`: the share of A's top-k heads whose best leave-one-out profile match in B is one of B's
   top-k (averaged over both directions): can the role be found in B without looking at its score?
@@ -29,6 +31,7 @@ from atlas.match import _features, _token_sets, percentiles
 from atlas.store import Atlas
 
 VIEWS = ("depth", "profile", "tokens", "recovery")
+ALIAS_CORRELATION = 0.9
 LOWER_IS_ALIKE = {"depth"}
 
 
@@ -60,31 +63,50 @@ class _Pair:
 
     def __init__(self, a: _Model, b: _Model) -> None:
         self.names = sorted(set(a.features) & set(b.features))
-        pa = np.stack([percentiles(a.values(n)) for n in self.names], axis=1) if self.names else None  # type: ignore[arg-type]
-        pb = np.stack([percentiles(b.values(n)) for n in self.names], axis=1) if self.names else None  # type: ignore[arg-type]
-        self.diff = None if pa is None or pb is None else np.abs(pa[:, None, :] - pb[None, :, :])
-        if self.diff is not None:
+        self.diff: np.ndarray | None = None
+        if self.names:
+            pa = np.stack([percentiles(a.values(n)) for n in self.names], axis=1)  # type: ignore[arg-type]
+            pb = np.stack([percentiles(b.values(n)) for n in self.names], axis=1)  # type: ignore[arg-type]
+            self.diff = np.abs(pa[:, None, :] - pb[None, :, :])  # (n_a, n_b, features)
             present = ~np.isnan(self.diff)
             self.total = np.where(present, self.diff, 0.0).sum(axis=2)
             self.count = present.sum(axis=2)
+            # |rank correlation| between features, the larger of the two models': aliases of a property
+            self.alias = np.maximum(_abs_correlation(pa), _abs_correlation(pb))
         self.depth = np.abs(a.depth[:, None] - b.depth[None, :])
         kinds = sorted(set(a.tokens) & set(b.tokens))
         self.tokens = _jaccard(a, b, kinds) if kinds else None
 
+    def left_out(self, prop: str) -> list[str]:
+        """The property and the features that rank heads nearly as it does (in either model)."""
+        if prop not in self.names:
+            return []
+        j = self.names.index(prop)
+        return [n for i, n in enumerate(self.names) if i == j or self.alias[j, i] > ALIAS_CORRELATION]
+
     def profile_without(self, prop: str) -> np.ndarray | None:
-        """Leave-one-out profile similarity: every shared feature except `prop`."""
+        """Profile similarity over every shared feature except the property and its aliases."""
         if self.diff is None:
             return None
         total, count = self.total, self.count
-        if prop in self.names:
-            j = self.names.index(prop)
-            left = self.diff[:, :, j]
+        for name in self.left_out(prop):
+            left = self.diff[:, :, self.names.index(name)]
             total = total - np.nan_to_num(left)
             count = count - ~np.isnan(left)
         if not np.any(count):
             return None
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(count > 0, 1.0 - total / np.maximum(count, 1), np.nan)
+
+
+def _abs_correlation(columns: np.ndarray) -> np.ndarray:
+    """|Pearson correlation| of percentile columns (= Spearman), NaN cells at the column's middle."""
+    x = np.where(np.isnan(columns), 0.5, columns)
+    x = x - x.mean(axis=0)
+    norm = np.sqrt((x**2).sum(axis=0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        corr = (x.T @ x) / np.outer(norm, norm)
+    return np.abs(np.nan_to_num(corr))
 
 
 def _jaccard(a: _Model, b: _Model, kinds: list[str]) -> np.ndarray:
@@ -200,7 +222,8 @@ def consistency(atlas: Atlas, infos: list[dict[str, Any]], properties: list[dict
                 matches = {a: _best_matches(sim, ta, models[b], tb), b: _best_matches(sim.T, tb, models[a], ta)}
             else:
                 stats["recovery"] = None
-            entry["pairs"].append({"a": a, "b": b, "views": stats, "best_matches": matches})
+            entry["pairs"].append({"a": a, "b": b, "views": stats, "best_matches": matches,
+                                   "profile_left_out": pair.left_out(prop["id"])})
         for view in VIEWS:
             if len(observed[view]) == len(entry["pairs"]) and observed[view]:
                 obs = float(np.mean(observed[view]))

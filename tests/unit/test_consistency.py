@@ -91,6 +91,24 @@ def test_the_profile_leaves_the_property_out(tmp_path: Path) -> None:
     assert set(entry["views"]) == {"depth"}
 
 
+def test_the_profile_leaves_out_a_near_copy_of_the_property(tmp_path: Path) -> None:
+    """A second metric that ranks heads as the property does (TransformerLens's variant of a score) is
+    left out too: the profile alone must not find the role through its alias."""
+    db = tmp_path / "atlas.duckdb"
+    rng = np.random.default_rng(0)
+    for alias, (n_layers, n_heads) in SHAPES.items():
+        model = model_row(f"{alias}@1:safetensors", alias, n_layers=n_layers, n_heads=n_heads, n_kv_heads=1)
+        role = rng.uniform(size=n_layers * n_heads)
+        metrics = {"patterns.induction": role, "patterns.induction_tl": role * 0.5 + 0.01,
+                   **{name: rng.uniform(size=role.size) for name in OTHERS}}
+        rows = [{"layer": int(i // n_heads), "head": int(i % n_heads), "metric": m, "value": float(v[i]), "n": 1}
+                for m, v in metrics.items() for i in range(role.size)]
+        ingest(db, run_record(f"patterns-{alias}", model["model_key"]), model, {"head_metrics": rows})
+    entry = _entry(db, top=3, draws=999)
+    assert all(p["profile_left_out"] == ["patterns.induction", "patterns.induction_tl"] for p in entry["pairs"])
+    assert entry["views"]["recovery"]["q"] >= 0.05 and entry["views"]["profile"]["q"] >= 0.05
+
+
 def test_benjamini_hochberg_matches_a_worked_example() -> None:
     # p sorted: 0.01, 0.02, 0.03, 0.5 -> p * m / rank = 0.04, 0.04, 0.04, 0.5 (monotone from the top)
     assert _bh([0.5, 0.01, 0.03, 0.02]) == pytest.approx([0.5, 0.04, 0.04, 0.04])
