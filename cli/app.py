@@ -4,13 +4,14 @@ register commands on it)."""
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from atlas.errors import AtlasError
+from atlas.errors import AtlasError, BadInput
 from cli.output import Format, stderr
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
@@ -42,3 +43,18 @@ def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 
 def output_format(fmt: Format, as_json: bool) -> Format:
     return Format.json if as_json else fmt
+
+
+def key_values(pairs: list[str]) -> dict[str, Any]:
+    """KEY=VALUE strings to options; a VALUE that parses as JSON (10, 0.5, [0.01, 0.05]) is taken as such.
+    The names and values are checked with every other option, by workers.options.validate."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise BadInput(f"--option {pair!r} is not KEY=VALUE", "write it like --option n_random=10")
+        try:
+            out[key.strip()] = json.loads(raw)
+        except ValueError:
+            out[key.strip()] = raw
+    return out

@@ -9,7 +9,17 @@ from typing import Annotated, Any
 import typer
 
 from atlas.errors import BadInput
-from cli.app import DEFAULT_DB, DbOption, FormatOption, JsonFlag, ServerOption, app, output_format, reports_errors
+from cli.app import (
+    DEFAULT_DB,
+    DbOption,
+    FormatOption,
+    JsonFlag,
+    ServerOption,
+    app,
+    key_values,
+    output_format,
+    reports_errors,
+)
 from cli.output import Format, emit, emit_json, stderr
 
 
@@ -51,27 +61,13 @@ def build(
     request = build_request({"models": model, "families": families, "seed": seed, "corpus": corpus or None,
                              "text_field": text_field, "concepts": concepts, "criterion": criterion,
                              "verify": verify, "ablation": ablation, "method": method, "max_context": max_context,
-                             "options": _key_values(option or [])}, "atlas build")
+                             "options": key_values(option or [])}, "atlas build")
     run_and_report([request], db, as_json, device=device, address=address, executor=executor,
                    load_options={"trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle},
                    replicas=replicas, gpus_per_actor=gpus_per_actor)
 
 
-def _key_values(pairs: list[str]) -> dict[str, Any]:
-    """KEY=VALUE strings to options; a VALUE that parses as JSON (10, 0.5, [0.01, 0.05]) is taken as such.
-    The names and values are checked with every other option, by workers.options.validate."""
-    import json
-
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key.strip():
-            raise BadInput(f"--option {pair!r} is not KEY=VALUE", "write it like --option n_random=10")
-        try:
-            out[key.strip()] = json.loads(raw)
-        except ValueError:
-            out[key.strip()] = raw
-    return out
+_key_values = key_values  # its old name here (cli/plan.py imports it; from cli.app avoids a cycle)
 
 
 @app.command()
@@ -120,7 +116,6 @@ def heads(
     Example: atlas heads --promotes " Paris" --model llama
     Example: atlas heads --concept colors --top 10 --model llama   (or --all-models)
     """
-    from atlas.errors import BadInput
     from atlas.queries import rank_heads
     from atlas.store import Atlas
 
