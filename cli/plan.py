@@ -28,10 +28,20 @@ def _gpu_profile(gpu: str, model_shape: Any, calibrate: bool | None) -> Any:
 
 
 def _parse_options(pairs: list[str]) -> dict[str, Any]:
-    """-o KEY=VALUE as `atlas build` reads them."""
-    from cli.main import _key_values
+    """-o KEY=VALUE as `atlas build` reads them: a VALUE that parses as JSON is taken as such (cli/main.py
+    registers this module, so it is not imported from there)."""
+    import json
 
-    return _key_values(pairs)
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise BadInput(f"--option {pair!r} is not KEY=VALUE", "write it like --option probe_batch=64")
+        try:
+            out[key.strip()] = json.loads(raw)
+        except ValueError:
+            out[key.strip()] = raw
+    return out
 
 
 @app.command()
