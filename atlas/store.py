@@ -428,22 +428,21 @@ class Atlas:
         return found[3] == 0 and found[0] > 0 and found[0] == found[1] == found[2]
 
     def _update_wide(self, model_key: str, metrics: list[str]) -> None:
-        """Recompute some metric columns of one model's wide rows (the rest are copied as they are)."""
+        """Set some metric columns of one model's wide rows from its latest rows, in place. Only after a
+        merge (_merge_latest): there a head's latest value is replaced or kept, never removed, so the
+        heads the pivot leaves out keep the value they have."""
         from atlas import schema
 
         if not metrics:
             return
         key = schema.sql_text(model_key)
         listed = ", ".join(schema.sql_text(m) for m in metrics)
-        replaced = ", ".join(f'p."{m}" AS "{m}"' for m in metrics)
+        assigned = ", ".join(f'"{m}" = p."{m}"' for m in metrics)
         pivot = (f"(PIVOT (SELECT model_key, layer, head, metric, value FROM latest_head_metrics "
                  f"WHERE model_key = {key} AND metric IN ({listed})) "
                  f"ON metric IN ({listed}) USING first(value) GROUP BY model_key, layer, head)")
-        self.con.execute(f"CREATE OR REPLACE TEMP TABLE _wide AS SELECT w.* REPLACE ({replaced}) "
-                         f"FROM head_roles_wide w LEFT JOIN {pivot} p ON p.model_key = w.model_key "
-                         f"AND p.layer = w.layer AND p.head = w.head WHERE w.model_key = {key}")
-        self.con.execute("DELETE FROM head_roles_wide WHERE model_key = ?", [model_key])
-        self.con.execute("INSERT INTO head_roles_wide BY NAME SELECT * FROM _wide ORDER BY layer, head")
+        self.con.execute(f"UPDATE head_roles_wide w SET {assigned} FROM {pivot} p WHERE w.model_key = {key} "
+                         f"AND p.model_key = w.model_key AND p.layer = w.layer AND p.head = w.head")
 
 
 def _metric_set(table: pa.Table) -> set[str]:
