@@ -407,7 +407,8 @@ def calibrate(s: Shape, device: str = "cpu", tokens: int = 512, repeats: int = 3
             return LlamaForCausalLM(config).to(dtype=dtype).eval()  # type: ignore[call-arg]
 
     def timed(m: Any, x: Any) -> float:
-        best = math.inf
+        """The median of `repeats` timings: a long unit on a shared host sees its typical share, not its best."""
+        times = []
         with torch.inference_mode():
             m(x, logits_to_keep=1, use_cache=False)  # warm up
             for _ in range(repeats):
@@ -417,8 +418,8 @@ def calibrate(s: Shape, device: str = "cpu", tokens: int = 512, repeats: int = 3
                 m(x, logits_to_keep=1, use_cache=False)
                 if device.startswith("cuda"):
                     torch.cuda.synchronize()
-                best = min(best, time.perf_counter() - t0)
-        return best
+                times.append(time.perf_counter() - t0)
+        return sorted(times)[len(times) // 2]
 
     ids = torch.randint(0, 256, (1, tokens), device=device)
     step = torch.randint(0, 256, (1, 1), device=device)
