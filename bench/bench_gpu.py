@@ -269,7 +269,7 @@ def bench_config(name: str, args: argparse.Namespace, families: list[str], optio
                      "activation_gb": round(r["extra_bytes"] / 1e9, 3),
                      "predicted_activation_gb": round(estimate(bench_shape, family, config, profile).work
                                                       .activation_bytes / 1e9, 3),
-                     "full_atlas_default_s": round(full_default, 1), "full_atlas_paper_s": round(full_paper, 1),
+                     "full_atlas_default_s": round(full_default, 4), "full_atlas_paper_s": round(full_paper, 4),
                      "devices_for_full_model": devices, "error": (r["error"] or "").split("\n")[0][:200]})
     print(f"# {name}: {bench_shape.n_layers}/{full_shape.n_layers} blocks, {weights / 1e9:.2f} GB of weights "
           f"({dtype_name}), built in {built:.1f} s; {profile.source}", file=sys.stderr)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).parents[2]
-FAMILIES = {"patterns", "lens", "ablation", "pursuit", "retrieval"}
+FAMILIES = {"patterns", "lens", "ablation", "pursuit", "retrieval", "circuits"}
 
 
 def _main_command(db: Path) -> subprocess.CompletedProcess[str]:

@@ -66,10 +66,10 @@ def _requests(driver) -> list[str]:
 
 
 def test_report_renders_offline_with_the_atlas_numbers(real_db: Path, tmp_path: Path, browser) -> None:
+    from selenium.webdriver.support.ui import WebDriverWait
     from typer.testing import CliRunner
 
     from cli.main import app
-    from selenium.webdriver.support.ui import WebDriverWait
 
     with Atlas(real_db) as atlas:
         data = compare(atlas, ["llama", "gemma", "qwen"])
@@ -82,7 +82,8 @@ def test_report_renders_offline_with_the_atlas_numbers(real_db: Path, tmp_path: 
     page = write_report(data, tmp_path / "report.html")
     # the command a user runs writes the same report (generated_at aside)
     cli_page = tmp_path / "cli-report.html"
-    result = CliRunner().invoke(app, ["compare", "llama", "gemma", "qwen", "--out", str(cli_page), "--db", str(real_db)])
+    result = CliRunner().invoke(app, ["compare", "llama", "gemma", "qwen", "--out", str(cli_page),
+                                      "--db", str(real_db)])
     assert result.exit_code == 0, result.output
     html = cli_page.read_text(encoding="utf-8")
     assert html.count("plotly.js v") == 1  # plotly inlined once, however many models and plots

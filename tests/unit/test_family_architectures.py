@@ -17,6 +17,7 @@ SMALL = {
     "pursuit": {"verify": "off", "steps": 3, "samples_per_concept": 3, "readout_atoms": 2},
     "retrieval": {"max_context": 256, "retrieval_depths": 2, "retrieval_max_new_tokens": 3,
                   "retrieval_mask_tests": 1},
+    "circuits": {"circuits_positions": 32},
 }
 
 
@@ -51,7 +52,8 @@ def _cases() -> list:
     cases = []
     for family in sorted(FAMILIES):
         for architecture in sorted(TINY_CONFIGS):
-            marks = [QWEN2_TOKENIZER] if architecture == "Qwen2ForCausalLM" and family != "patterns" else []
+            reads_text = family not in ("patterns", "circuits")  # random-token probes / weights only
+            marks = [QWEN2_TOKENIZER] if architecture == "Qwen2ForCausalLM" and reads_text else []
             cases.append(pytest.param(family, architecture, marks=marks, id=f"{family}-{architecture}"))
     return cases
 

@@ -156,7 +156,8 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def top_overlap(x: torch.Tensor, y: torch.Tensor, k: int = 10) -> int:
-    """Heads in both top-k lists by |effect|."""
+    """Heads in both top-k lists by |effect| (k at most the number of heads)."""
+    k = min(k, x.numel())
     tx = set(x.flatten().abs().topk(k).indices.tolist())
     return len(tx & set(y.flatten().abs().topk(k).indices.tolist()))
 

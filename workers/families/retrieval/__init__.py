@@ -35,18 +35,18 @@ from workers.batching import decode_rows
 from workers.corpora import load_corpus
 from workers.families.base import FamilyResult, head_metric_rows, scaled_batch
 from workers.families.retrieval.decode_probe import DecodeProbe, attached
-from workers.families.retrieval.needles import NEEDLES, NeedleTest, build_tests, depth_grid, length_grid, rouge1_recall
+from workers.families.retrieval.needles import (
+    NEEDLES,
+    NeedleTest,
+    build_tests,
+    depth_grid,
+    length_grid,
+    rouge1_recall,
+    stop_ids,
+)
 from workers.kv_cache import new_cache, stacked, with_cache
 from workers.models import LoadedModel
 from workers.options import CORPUS, SEED, TEXT_FIELD, Option, resolve
-
-
-def stop_ids(tokenizer: Any) -> list[int]:
-    """Ids that end an answer: EOS, chat end-of-turn, and newline tokens (Wu et al. stop at '\\n')."""
-    ids = {i for i in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")) if i is not None}
-    ids |= {i for tok, i in tokenizer.get_vocab().items() if tok.strip(" \u0120") in ("\n", "\u010a", "\u010a\u010a")}
-    unk = tokenizer.unk_token_id
-    return sorted(i for i in ids if i != unk)
 
 
 def copy_hits(pos: torch.Tensor, prompt: torch.Tensor, span: tuple[int, int], token: int) -> torch.Tensor:
@@ -221,7 +221,8 @@ def random_same_layers(top: list[tuple[int, int]], n_heads: int, seed: int) -> l
 
 class RetrievalFamily:
     name = "retrieval"
-    version = 2  # 2: the needle sentence has no double space before the answer (issue 14 item 7)
+    version = 3  # 2: the needle sentence has no double space before the answer (issue 14 item 7)
+    # 3: dummy-prefix tokenizers: pieces encoded mid-sentence, <0x0A> stops the answer (issue 14 item 6)
     stores = ("head_metrics", "edits", "run_metrics")
 
     options = (
