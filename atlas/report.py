@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from atlas.circuits import circuit_predictions
 from atlas.consistency import consistency
 from atlas.errors import BadInput, NotFound
 from atlas.queries import resolve_metric, resolve_model_key
@@ -184,6 +185,17 @@ def _concepts(atlas: Atlas, infos: list[dict[str, Any]], wanted: list[str] | Non
     return out
 
 
+def _circuits(atlas: Atlas, infos: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Per model with a circuits run: do its weight-only scores predict the measured roles?"""
+    out = {}
+    for info in infos:
+        try:
+            out[info["model_key"]] = circuit_predictions(atlas, info["model_key"])
+        except NotFound:  # no circuits family built for this model
+            continue
+    return out
+
+
 def _json_list(value: Any) -> list[Any]:
     if isinstance(value, str):
         try:
@@ -243,10 +255,12 @@ def compare(atlas: Atlas, models: list[str] | None = None, metrics: list[str] | 
     properties += [{"id": f"concept:{c['concept']}", "label": f"concept {c['concept']}", "kind": "concept"}
                    for c in concept_entries]
     across = consistency(atlas, infos, properties, top=top, draws=draws) if len(infos) > 1 else []
+    circuits = _circuits(atlas, infos)
     return {"atlas": str(atlas.path), "schema_version": int(version[0][0]) if version else None,
             "generated_at": datetime.now(UTC).isoformat(timespec="seconds"), "top": top,
             "models": infos, "metrics": metric_ids, "grids": grids, "roles": roles,
             "top_heads": top_heads, "concepts": concept_entries, "across": across, "draws": draws,
+            "circuits": circuits,
             "runs": _runs(atlas, used)}
 
 

@@ -174,3 +174,29 @@ def test_summary_and_cli(tiny_db: Path, tmp_path: Path) -> None:
     assert text.exit_code == 0 and "KV heads" in text.stdout and "runs behind these numbers" in text.stdout
     bad = CliRunner().invoke(app, ["compare", "nope", "--db", str(tiny_db), "--out", str(out)])
     assert bad.exit_code == 3
+
+
+def test_circuits_section_when_the_family_was_built(tmp_path: Path) -> None:
+    """With a circuits run, the report carries circuit_predictions for that model, and the page shows
+    one row per prediction; without one (the tiny_db atlas) the section is absent."""
+    from atlas.circuits import circuit_predictions
+    from tests.tiny import save_tiny
+    from workers.build import build
+
+    model = save_tiny(tmp_path / "tiny-llama", "LlamaForCausalLM", seed=0)
+    db = tmp_path / "atlas.duckdb"
+    report = build([str(model)], ["patterns", "circuits"], db, device="cpu", executor="local",
+                   options={"circuits_positions": 32})
+    assert not report.failed, report.failed
+    with Atlas(db) as atlas:
+        data = compare(atlas)
+        expected = circuit_predictions(atlas, data["models"][0]["model_key"])
+    assert expected and data["circuits"] == {data["models"][0]["model_key"]: expected}
+    html = render_html(data)
+    assert html.count('<tr class="circuit"') == len(expected)
+
+
+def test_no_circuits_section_without_the_family(tiny_db: Path) -> None:
+    with Atlas(tiny_db) as atlas:
+        data = compare(atlas)
+    assert data["circuits"] == {} and 'id="circuits-table"' not in render_html(data)
