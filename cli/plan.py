@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from atlas.errors import BadInput
-from cli.app import FormatOption, JsonFlag, app, output_format, reports_errors
+from cli.app import FormatOption, JsonFlag, app, key_values, output_format, reports_errors
 from cli.output import Format, emit, emit_json, stderr
 
 
@@ -25,23 +25,6 @@ def _gpu_profile(gpu: str, model_shape: Any, calibrate: bool | None) -> Any:
     if gpu == "cpu" and calibrate is not False:  # this CPU, measured on the model's shape (a second or two)
         return cost.calibrate(model_shape, "cpu")
     return cost.PROFILES[gpu]
-
-
-def _parse_options(pairs: list[str]) -> dict[str, Any]:
-    """-o KEY=VALUE as `atlas build` reads them: a VALUE that parses as JSON is taken as such (cli/main.py
-    registers this module, so it is not imported from there)."""
-    import json
-
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key.strip():
-            raise BadInput(f"--option {pair!r} is not KEY=VALUE", "write it like --option probe_batch=64")
-        try:
-            out[key.strip()] = json.loads(raw)
-        except ValueError:
-            out[key.strip()] = raw
-    return out
 
 
 @app.command()
@@ -84,7 +67,7 @@ def plan(
         for request in load_sweep(sweep_file).builds:
             builds.append((list(request.models), family_names(request.families), request.family_options()))
     elif model:
-        builds.append((list(model), family_names(families), _parse_options(option or [])))
+        builds.append((list(model), family_names(families), key_values(option or [])))
     else:
         raise BadInput("nothing to plan", "pass --model MODEL (repeatable) or a sweep file")
     rows: list[dict[str, Any]] = []
