@@ -148,6 +148,13 @@ def captured_z_bytes(shape: Shape, length: int) -> float:
     return float(z_all + per_layer)
 
 
+def ablation_copy_bytes(shape: Shape, rows: int, length: int, positions: int, elem: int) -> float:
+    """One stacked copy of an ablation probe (workers/families/ablation/exact.py): the resumed forward's
+    activations for the probe's `rows` sequences of `length` tokens, and the logits kept at `positions`
+    per row twice over (in the model's dtype, and the float32 copy the metrics read)."""
+    return rows * forward_bytes(shape, length, elem, logits_rows=2 * positions)
+
+
 def model_shape(model: Any) -> Shape:
     """The Shape of a loaded Hugging Face model."""
     return Shape.from_config(model.config)

@@ -101,6 +101,38 @@ def test_agreement_helpers():
     assert spearman(x, -x) == pytest.approx(-1.0)
     assert top_overlap(x, x) == 10
     assert top_overlap(x, x.flip(0)) == 0
+    few = torch.arange(6.0).view(2, 3)  # a model with fewer heads than 10: k is the number of heads
+    assert top_overlap(few, few) == 6 and top_overlap(few, -few) == 6
+
+
+def test_heads_per_forward_is_what_the_free_memory_holds(tiny_lm, probes, monkeypatch):
+    """One stacked copy per head costs ablation_copy_bytes; the planner uses half the free memory."""
+    from workers.batching import ablation_copy_bytes, model_shape
+    from workers.families.ablation.exact import heads_per_forward
+
+    probe = probes[0]
+    b, t = probe.tokens.shape
+    per_copy = ablation_copy_bytes(model_shape(tiny_lm.model), b, t, probe.n_positions, 4)
+    chosen = {}
+    for copies in (0, 2, 3, 100):
+        monkeypatch.setenv("HEAD_ATLAS_MEMORY_BYTES", str(int(2 * copies * per_copy + 1)))
+        chosen[copies] = heads_per_forward(tiny_lm, probe)
+    assert chosen == {0: 1, 2: 2, 3: 3, 100: tiny_lm.adapter.n_heads}
+
+
+def test_stored_effects_do_not_depend_on_heads_per_forward(tiny_lm, small, monkeypatch):
+    """One head per stacked forward (1 byte free) and every head of a layer in one give the same rows."""
+    family = AblationFamily()
+    config = family.config({**small, "method": "exact"})
+    values = []
+    for memory in ("1", str(2**40)):
+        monkeypatch.setenv("HEAD_ATLAS_MEMORY_BYTES", memory)
+        rows = family.run(tiny_lm, config).tables["head_metrics"]
+        values.append({(r["metric"], r["layer"], r["head"]): r["value"] for r in rows})
+    one_at_a_time, all_at_once = values
+    assert one_at_a_time.keys() == all_at_once.keys() and len(one_at_a_time) > 0
+    for key, value in one_at_a_time.items():
+        assert all_at_once[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
 
 
 def test_build_stores_effects_estimates_and_agreement(tiny_dir, tmp_path, small):

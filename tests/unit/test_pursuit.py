@@ -311,3 +311,42 @@ def test_corpus_loss_side_effect_at_every_k_or_the_largest(tiny_lm, concept_file
         want = {e["edit_id"]: e["after"] for e in every if e["metric"] == "corpus_loss" and e["k"] == ks[-1]}
         got = {e["edit_id"]: e["after"] for e in edits if e["metric"] == "corpus_loss"}
         assert got.keys() == want.keys() and all(got[i] == pytest.approx(want[i], abs=1e-5) for i in got)
+
+
+def test_pooling_batch_is_what_the_free_memory_holds(tiny_lm, monkeypatch) -> None:
+    """Prompts per pooling forward: the `batch` option as an upper bound, lowered to what half the free
+    memory holds at the longest prompt's width."""
+    from workers.batching import forward_bytes, model_shape
+    from workers.families.pursuit import pooling_batch
+
+    texts = ["w3 w4 w10", "w5 w12 w6 w7 w8 w9", "w30"]
+    per_prompt = forward_bytes(model_shape(tiny_lm.model), 1 + 6, 4)  # BOS + the longest prompt's 6 tokens
+    chosen = {}
+    for prompts in (0, 2, 100):
+        monkeypatch.setenv("HEAD_ATLAS_MEMORY_BYTES", str(int(2 * prompts * per_prompt + 1)))
+        chosen[prompts] = pooling_batch(tiny_lm, texts, 16)
+    assert chosen == {0: 1, 2: 2, 100: 16}
+
+
+def test_stored_pursuit_rows_do_not_depend_on_the_pooling_batch(tiny_lm, concept_file: str, monkeypatch) -> None:
+    """One prompt per pooling forward (1 byte free) and all of them in one give the same scores and readout."""
+    family = PursuitFamily()
+    config = family.config({"concepts": concept_file, "steps": 3, "readout_atoms": 4, "readout_candidates": 16,
+                            "verify": "off"})
+    runs = []
+    for memory in ("1", str(2**40)):
+        monkeypatch.setenv("HEAD_ATLAS_MEMORY_BYTES", memory)
+        runs.append(family.run(tiny_lm, config).tables)
+    one_at_a_time, all_at_once = runs
+    for table, key in (("concept_scores", ("concept", "layer", "head")), ("head_metrics", ("metric", "layer", "head")),
+                       ("head_tokens", ("layer", "head", "rank"))):
+        small = {tuple(r[k] for k in key): r for r in one_at_a_time[table]}
+        big = {tuple(r[k] for k in key): r for r in all_at_once[table]}
+        assert small.keys() == big.keys() and small, table
+        value = "value" if table == "head_metrics" else "score"
+        for k, row in small.items():
+            assert big[k][value] == pytest.approx(row[value], rel=1e-4, abs=1e-6), (table, k)
+    ranks = {(r["concept"], r["layer"], r["head"]): r["rank"] for r in one_at_a_time["concept_scores"]}
+    assert ranks == {(r["concept"], r["layer"], r["head"]): r["rank"] for r in all_at_once["concept_scores"]}
+    tokens = {(r["layer"], r["head"], r["rank"]): r["token_id"] for r in one_at_a_time["head_tokens"]}
+    assert tokens == {(r["layer"], r["head"], r["rank"]): r["token_id"] for r in all_at_once["head_tokens"]}

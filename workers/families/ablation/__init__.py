@@ -43,6 +43,7 @@ from workers.families.ablation.exact import (
     counterpart_z,
     exact_effects,
     float32_model,
+    heads_per_forward,
     mean_kind,
     needs_counterpart,
     noop_check_layers,
@@ -51,7 +52,7 @@ from workers.families.ablation.exact import (
     noop_tolerance,
     replacements,
 )
-from workers.families.base import FamilyResult, head_metric_rows
+from workers.families.base import FamilyResult, head_metric_rows, scaled_batch
 from workers.models import LoadedModel
 from workers.options import CONCEPTS, CORPUS, SEED, TEXT_FIELD, Option, resolve
 from workers.probes import bos_id, repeated_tokens
@@ -251,24 +252,29 @@ class AblationFamily:
         return probes, extra
 
     @staticmethod
-    def _exact(lm: LoadedModel, probe: Probe, mode: str) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], str]:
+    def _exact(lm: LoadedModel, probe: Probe, mode: str,
+               config: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]], str]:
         """Exact effects of one probe, after the no-op check (exact.py): where z replaced by itself
         moves a metric by more than the tolerance in the model's dtype (bfloat16), the probe is
         measured again with the model in float32. Returns the effects, the check's run_metrics rows
-        and the dtype the effects were measured in."""
+        and the dtype the effects were measured in. Heads per stacked forward: what the free memory
+        holds once the clean cache is in it, halved on each retry of the unit (`scaled_batch`)."""
         dtype = str(next(lm.model.parameters()).dtype).removeprefix("torch.")
         cache = clean_run(lm, probe)
-        deviation = noop_deviation(lm, probe, cache)
+        chunk = scaled_batch(config, heads_per_forward(lm, probe))
+        deviation = noop_deviation(lm, probe, cache, chunk)
         measured_in, after = dtype, None
         if noop_holds(deviation, cache):
             counter = counterpart_z(lm, probe) if needs_counterpart(mode, probe) else None
-            exact = exact_effects(lm, probe, cache, replacements(mode, probe, cache.z, counter))
+            exact = exact_effects(lm, probe, cache, replacements(mode, probe, cache.z, counter), heads_per_pass=chunk)
         else:
             with float32_model(lm):
                 cache = clean_run(lm, probe)
-                after = noop_deviation(lm, probe, cache)
+                chunk = scaled_batch(config, heads_per_forward(lm, probe))
+                after = noop_deviation(lm, probe, cache, chunk)
                 counter = counterpart_z(lm, probe) if needs_counterpart(mode, probe) else None
-                exact = exact_effects(lm, probe, cache, replacements(mode, probe, cache.z, counter))
+                exact = exact_effects(lm, probe, cache, replacements(mode, probe, cache.z, counter),
+                                      heads_per_pass=chunk)
             measured_in = "float32"
         rows = [{"metric": f"ablation.noop.{name}", "value": value,
                  "detail": {"dtype": dtype, "tolerance": noop_tolerance(cache, name), "exact_in": measured_in,
@@ -292,7 +298,7 @@ class AblationFamily:
             exact: dict[str, torch.Tensor] = {}
             if method in ("exact", "both"):
                 t0 = time.perf_counter()
-                exact, noop_rows, precision[probe.name] = self._exact(lm, probe, mode)
+                exact, noop_rows, precision[probe.name] = self._exact(lm, probe, mode, config)
                 run_rows += noop_rows
                 seconds[f"exact.{probe.name}"] = time.perf_counter() - t0
                 for name, per_seq in exact.items():

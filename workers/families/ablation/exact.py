@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from workers.batching import ablation_copy_bytes, dtype_bytes, fit, model_shape
 from workers.hooks import block_inputs, edit_z, resumed_at
 from workers.models import LoadedModel
 
@@ -179,12 +180,14 @@ def _stacked_edit(layer: int, heads: list[int], rep: torch.Tensor, batch: int):
     return edit
 
 
-def heads_per_forward(lm: LoadedModel, probe: Probe, budget_bytes: float = 2**29) -> int:
-    """How many head copies fit one stacked forward, by the size of the kept logits."""
-    b = probe.tokens.shape[0]
-    vocab = lm.adapter.unembed.weight.shape[0]
-    per_copy = b * probe.n_positions * vocab * 4 * 2  # logits plus their float copy
-    return max(1, min(lm.adapter.n_heads, int(budget_bytes // per_copy)))
+def heads_per_forward(lm: LoadedModel, probe: Probe) -> int:
+    """How many head copies go through one stacked forward: as many as fit the memory free on the model's
+    device now (the clean cache already held), at one probe batch's resumed forward and kept logits each
+    (workers/batching.py). The dtype is the weights' own (`float32_model` may have cast them)."""
+    b, t = probe.tokens.shape
+    dtype = next(lm.model.parameters()).dtype
+    per_copy = ablation_copy_bytes(model_shape(lm.model), b, t, probe.n_positions, dtype_bytes(dtype))
+    return fit(lm.adapter.n_heads, per_copy, device=lm.device)
 
 
 def _empty_effects(n_layers: int, n_heads: int, clean: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -292,10 +295,12 @@ def noop_check_layers(n_layers: int) -> list[int]:
     return sorted({0, n_layers - 1})
 
 
-def noop_deviation(lm: LoadedModel, probe: Probe, cache: CleanCache) -> dict[str, float]:
+def noop_deviation(lm: LoadedModel, probe: Probe, cache: CleanCache,
+                   heads_per_pass: int | None = None) -> dict[str, float]:
     """max |metric(z replaced by itself) - metric(clean)| per metric over the check layers' heads and
     the sequences: what the exact path reports for an ablation that changes nothing."""
-    effects = exact_effects(lm, probe, cache, cache.z, layers=noop_check_layers(lm.adapter.n_layers))
+    effects = exact_effects(lm, probe, cache, cache.z, layers=noop_check_layers(lm.adapter.n_layers),
+                            heads_per_pass=heads_per_pass)
     return {name: float(values.nan_to_num(0.0).abs().max()) for name, values in effects.items()}
 
 

@@ -39,9 +39,10 @@ import torch
 
 from atlas.errors import BadInput
 from workers.adapters import norm_gain
+from workers.batching import dtype_bytes, fit, forward_bytes, model_shape
 from workers.concepts import CONTROL_WINDOW, Concept, ControlPools, control_token_ids, load_concepts, tokenize_concept
 from workers.corpora import load_corpus
-from workers.families.base import FamilyResult
+from workers.families.base import FamilyResult, scaled_batch
 from workers.families.pursuit.somp import CRITERIA, CovarianceAccumulator, centred, somp_heads
 from workers.hooks import edit_z
 from workers.models import LoadedModel
@@ -174,7 +175,8 @@ class PursuitFamily:
         usable = [c for c in concepts if tokens[c.name].ids]
         prompts = [p for c in concepts for p in c.prompts[:config.get("samples_per_concept", len(c.prompts))]]
         t0 = time.perf_counter()
-        z, n_tokens = pooled_z(lm, prompts, config["batch"])  # (n, L, H, d_head)
+        batch = scaled_batch(config, pooling_batch(lm, prompts, config["batch"]))
+        z, n_tokens = pooled_z(lm, prompts, batch)  # (n, L, H, d_head)
         log.info("pooled %d samples in %.1fs", len(prompts), time.perf_counter() - t0)
         n, n_layers, n_heads, d_head = z.shape
         flat = z.reshape(n, n_layers * n_heads, d_head)
@@ -297,8 +299,18 @@ def control_ids(ids: list[int], n_vocab: int, n: int, seed: str) -> list[list[in
     return [pool[torch.randperm(len(pool), generator=gen)[:len(ids)]].tolist() for _ in range(n)]
 
 
+def pooling_batch(lm: LoadedModel, texts: list[str], wanted: int) -> int:
+    """Prompts per pooling forward: at most `wanted` (the `batch` option), and no more than the memory free
+    on the model's device holds at the longest prompt's width (workers/batching.py). An execution detail:
+    the pooled z of a prompt does not depend on it (right padding, causal attention)."""
+    longest = 1 + max((len(lm.tokenizer.encode(t, add_special_tokens=False)) for t in texts), default=0)
+    dtype = next(lm.model.parameters()).dtype
+    return fit(wanted, forward_bytes(model_shape(lm.model), longest, dtype_bytes(dtype)), device=lm.device)
+
+
 def pooled_z(lm: LoadedModel, texts: list[str], batch: int) -> tuple[torch.Tensor, int]:
-    """Mean z over each text's tokens (BOS and padding excluded): (n, layers, heads, d_head)."""
+    """Mean z over each text's tokens (BOS and padding excluded): (n, layers, heads, d_head). Only the last
+    position reaches the unembedding (nothing reads the logits)."""
     out: list[torch.Tensor] = []
     n_tokens = 0
     for start in range(0, len(texts), batch):
@@ -314,7 +326,7 @@ def pooled_z(lm: LoadedModel, texts: list[str], batch: int) -> tuple[torch.Tenso
             layers[layer] = torch.einsum("bt,bthk->bhk", w, z.float()).cpu()
 
         with torch.inference_mode(), edit_z(lm.adapter, pool):
-            lm.model(ids.to(lm.device), attention_mask=mask.to(lm.device))
+            lm.model(ids.to(lm.device), attention_mask=mask.to(lm.device), logits_to_keep=1, use_cache=False)
         out.append(torch.stack([layers[i] for i in range(lm.adapter.n_layers)], dim=1))
         n_tokens += int(mask.sum())
     return torch.cat(out), n_tokens
@@ -352,24 +364,30 @@ def readout(lm: LoadedModel, acc: CovarianceAccumulator, w_o: torch.Tensor, gain
     Exact over the full vocabulary would cost vocab x d_model x d_head per head, so a shortlist of
     `candidates` atoms is picked by their first-step score on the head's top `rank` covariance
     directions (the variance fraction those keep is returned and stored), and SOMP then runs,
-    exactly and with the full covariance, on the shortlist.
+    exactly and with the full covariance, on the shortlist. The shortlist (vocab x d_model x heads x r
+    multiply-adds: 9 TFLOP for an 8B model) runs on the unembedding's device, a GPU where the model is on
+    one; SOMP on the shortlist stays on the host, in float64.
     """
     x_short, kept = acc.factor(cfg["shortlist_rank"])  # (heads, r, d_head): the shortlist's few directions
     x = acc.factor()[0].float()  # full rank: SOMP on the shortlist is exact l2 within it
     total_heads, r, _ = x_short.shape
-    m_all = torch.einsum("hkd,hrk->dhr", w_o, x_short.float()).reshape(w_o.shape[2], -1)  # (d_model, heads * r)
     unembed = _unembed(lm)
+    device = unembed.device  # the shortlist (vocab x d_model x heads x r) runs where the unembedding lives
+    m_all = torch.einsum("hkd,hrk->dhr", w_o, x_short.float()).reshape(w_o.shape[2], -1)  # (d_model, heads * r)
+    m_all = m_all.to(device)
+    gain_here = gain.to(device)
     vocab = unembed.shape[0]
     n_cand = min(cfg["candidates"], vocab)
-    best_score = torch.full((total_heads, 0), -1.0)
-    best_idx = torch.zeros((total_heads, 0), dtype=torch.long)
+    best_score = torch.full((total_heads, 0), -1.0, device=device)
+    best_idx = torch.zeros((total_heads, 0), dtype=torch.long, device=device)
     for start in range(0, vocab, chunk):
-        rows = unembed[start:start + chunk].float().cpu() * gain
+        rows = unembed[start:start + chunk].float() * gain_here
         rows = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
         score = (rows @ m_all).view(-1, total_heads, r).square().sum(-1).T  # (heads, chunk)
-        idx = torch.arange(start, start + rows.shape[0]).expand(total_heads, -1)
+        idx = torch.arange(start, start + rows.shape[0], device=device).expand(total_heads, -1)
         best_score, pos = torch.cat([best_score, score], 1).topk(min(n_cand, best_score.shape[1] + score.shape[1]), 1)
         best_idx = torch.cat([best_idx, idx], 1).gather(1, pos)
+    best_idx = best_idx.cpu()
     out: list[dict[str, Any]] = []
     for start in range(0, total_heads, n_heads):  # one layer at a time keeps the candidate rows small
         heads = slice(start, start + n_heads)
