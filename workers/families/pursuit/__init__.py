@@ -43,7 +43,7 @@ from workers.batching import dtype_bytes, fit, forward_bytes, model_shape
 from workers.concepts import CONTROL_WINDOW, Concept, ControlPools, control_token_ids, load_concepts, tokenize_concept
 from workers.corpora import load_corpus
 from workers.families.base import FamilyResult, scaled_batch
-from workers.families.pursuit.somp import CRITERIA, CovarianceAccumulator, centred, somp_heads
+from workers.families.pursuit.somp import CRITERIA, CovarianceAccumulator, centred, output_variance, somp_heads
 from workers.hooks import edit_z
 from workers.models import LoadedModel
 from workers.options import CONCEPTS, CORPUS, SEED, TEXT_FIELD, Option, resolve
@@ -250,7 +250,9 @@ def rank_concepts(lm: LoadedModel, flat: torch.Tensor, w_o: torch.Tensor, acc: C
     flat: (n, heads, d_head) pooled z (read for criterion l1 only); acc: their covariance (l2)."""
     n_layers, n_heads = lm.adapter.n_layers, lm.adapter.n_heads
     n_vocab = lm.adapter.unembed.weight.shape[0]
-    x = centred(flat) if config["criterion"] == "l1" else acc.factor()[0]
+    x = centred(flat) if config["criterion"] == "l1" else acc.factor()[0].double()
+    w_o64 = w_o.double()  # converted once, not per dictionary
+    total = output_variance(x, w_o64)  # every dictionary's EVR denominator, computed once
     control_cfg = config.get("control", {})
     n_control = control_cfg.get("dictionaries", 0)
     out = Ranking({}, {}, [], [])
@@ -258,7 +260,7 @@ def rank_concepts(lm: LoadedModel, flat: torch.Tensor, w_o: torch.Tensor, acc: C
     pools = ControlPools(lm.tokenizer, n_vocab) if matched_draw else None
     for name, ids in concepts:
         steps = pursuit_steps(config, len(ids))
-        result = somp_heads(x, w_o, concept_rows(lm, ids, gain), steps, config["criterion"])
+        result = somp_heads(x, w_o64, concept_rows(lm, ids, gain), steps, config["criterion"], total)
         evr = result.final_evr.float().view(n_layers, n_heads)
         seed = f"{config['seed']}:{name}"
         if pools is not None:
@@ -268,7 +270,7 @@ def rank_concepts(lm: LoadedModel, flat: torch.Tensor, w_o: torch.Tensor, acc: C
         else:  # version 4's draw: uniform over the whole vocabulary
             dictionaries = control_ids(ids, n_vocab, n_control, seed)
             out.setup[name] = {"steps": steps}
-        control = [somp_heads(x, w_o, concept_rows(lm, ids_, gain), steps, config["criterion"])
+        control = [somp_heads(x, w_o64, concept_rows(lm, ids_, gain), steps, config["criterion"], total)
                    .final_evr.float().view(n_layers, n_heads) for ids_ in dictionaries]
         ctrl = torch.stack(control).mean(0) if control else None
         score = evr - ctrl if ctrl is not None and config.get("ranking", "evr") == "specificity" else evr

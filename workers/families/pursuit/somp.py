@@ -31,8 +31,8 @@ CRITERIA = ("l1", "l2")
 
 def _score(p: torch.Tensor, criterion: str) -> torch.Tensor:
     """Selection score per atom: p (..., v, m) -> (..., v)."""
-    if criterion == "l1":
-        return torch.linalg.vector_norm(p, ord=1, dim=-1)
+    if criterion == "l1":  # |p| summed: the same 1-norm, 4x faster than vector_norm(ord=1) in float64 on a CPU
+        return p.abs().sum(-1)
     if criterion == "l2":
         return torch.linalg.vector_norm(p, ord=2, dim=-1).square()
     raise ValueError(f"unknown SOMP criterion {criterion!r}; use one of {CRITERIA}")
@@ -76,13 +76,21 @@ class SompResult:
         return torch.diff(self.evr, dim=1, prepend=torch.zeros_like(self.evr[:, :1]))
 
 
+def output_variance(x: torch.Tensor, w_o: torch.Tensor) -> torch.Tensor:
+    """||X W_O||_F^2 per head, (heads,): the EVR's denominator. It costs heads x d_head^2 x d_model, as much
+    as a dictionary's projection, and is the same for every dictionary of a ranking: compute it once."""
+    x, w_o = x.double(), w_o.double()
+    return ((x @ (w_o @ w_o.transpose(1, 2))) * x).sum((1, 2))
+
+
 def somp_heads(x: torch.Tensor, w_o: torch.Tensor, dictionary: torch.Tensor, steps: int,
-               criterion: str = "l1") -> SompResult:
+               criterion: str = "l1", total: torch.Tensor | None = None) -> SompResult:
     """SOMP for many heads at once, in head space.
 
     x: (heads, m, d_head) centred pooled z rows (criterion l1), or covariance factor rows L^T (l2)
     w_o: (heads, d_head, d_model) each head's W_O
     dictionary: (v, d_model) shared, or (heads, v, d_model) one per head
+    total: `output_variance(x, w_o)` when the caller has it (many dictionaries, one x)
     Returns atoms and cumulative EVR, (heads, T) with T = min(steps, v).
     """
     x, w_o, dictionary = x.double(), w_o.double(), dictionary.double()
@@ -92,8 +100,10 @@ def somp_heads(x: torch.Tensor, w_o: torch.Tensor, dictionary: torch.Tensor, ste
     steps = min(steps, v)
     a = torch.einsum("vm,hkm->hvk" if shared else "hvm,hkm->hvk", dictionary, w_o)  # (heads, v, d_head): D W_O^T
     p0 = a @ x.transpose(1, 2)  # (heads, v, m): correlations of every atom with every centred output row
-    gram = dictionary @ dictionary.transpose(-1, -2)  # (v, v) or (heads, v, v): atom-atom inner products
-    total = ((x @ (w_o @ w_o.transpose(1, 2))) * x).sum((1, 2))  # (heads,) ||X W_O||_F^2
+    # atom-atom inner products: a shared dictionary's (v, v) once; per-head dictionaries (the readout's
+    # shortlists, v = 512) only the chosen atoms' rows, one per step (T x v, not v x v, per head)
+    gram = dictionary @ dictionary.transpose(-1, -2) if shared else None
+    total = output_variance(x, w_o) if total is None else total.double()  # (heads,) ||X W_O||_F^2
     p = p0.clone()
     rows = torch.arange(n_heads)
     taken = torch.zeros(n_heads, v, dtype=torch.bool)
@@ -108,7 +118,7 @@ def somp_heads(x: torch.Tensor, w_o: torch.Tensor, dictionary: torch.Tensor, ste
         pick = score.argmax(1)  # (heads,)
         atoms[:, t] = pick
         taken[rows, pick] = True
-        g_sel[:, t] = gram[pick] if shared else gram[rows, pick]
+        g_sel[:, t] = gram[pick] if gram is not None else (dictionary @ dictionary[rows, pick][:, :, None])[..., 0]
         p_sel[:, t] = p0[rows, pick]
         # Gram-Schmidt in the chosen atoms' coordinates: nothing in d_model space inside the loop.
         c = torch.zeros(n_heads, t + 1, dtype=x.dtype)
