@@ -6,7 +6,9 @@ Parquet: one folder per table, partitioned by `model_key` with DuckDB's own
 
 HeadVis: `<out>/<model>/headvis/<dataset>/{config.json, scatter_data.json, heads/L{l}H{h}.json,
 server_config.json, attributions/manifest.json}`, the tree Neuronpedia's headvis pipeline writes
-and its frontend and loaders read (hijohnnylin/neuronpedia utils/neuronpedia-utils/.../headvis).
+and its frontend and loaders read (hijohnnylin/neuronpedia utils/neuronpedia-utils/.../headvis). A head
+file's `sequences` are the head's `max_attention` examples in HeadVis's sparse format (atlas/examples.py);
+its `examples` key holds every criterion's examples as stored.
 
 DuoAttention (KV-cache compression, docs/kv-cache.md): `<out>/<model>/duoattention/` with
 `full_attention_heads.tsv` (n_layers rows x n_kv_heads columns, 1 = keep the full KV cache, 0 = streaming:
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from atlas.errors import BadInput
+from atlas.examples import headvis_sequences, model_examples
 from atlas.queries import resolve_model_key
 from atlas.store import Atlas
 
@@ -39,6 +42,7 @@ PARQUET_TABLES: dict[str, str | None] = {
     "concept_scores": "SELECT * FROM concept_scores",
     "edits": "SELECT * FROM edits",
     "run_metrics": "SELECT rm.*, r.model_key FROM run_metrics rm JOIN runs r USING (run_id)",
+    "head_examples": "SELECT * FROM head_examples",
     "concepts": None,
     "role_thresholds": None,
 }
@@ -176,6 +180,11 @@ def _pipeline_config(atlas: Atlas, model: dict[str, Any], run_ids: list[str]) ->
             "metric_sources": {k: v for k, v in HEADVIS_METRICS.items()}, "runs": runs}
 
 
+def _example_json(example: dict[str, Any]) -> dict[str, Any]:
+    """A head_examples row for a head file: everything but the run (config.json's pipeline_config has it)."""
+    return {k: v for k, v in example.items() if k not in ("run_id", "layer", "head", "criterion")}
+
+
 def export_headvis(atlas: Atlas, out: str | Path, models: list[str] | None = None, dataset: str = "head-atlas",
                    overwrite: bool = False) -> dict[str, Any]:
     """Write one HeadVis tree per model; returns {model_key: tree folder}."""
@@ -193,6 +202,7 @@ def export_headvis(atlas: Atlas, out: str | Path, models: list[str] | None = Non
         (root / "attributions").mkdir()
         written[key] = str(root)
         metrics, tokens, concepts = _wide_metrics(atlas, key), _head_tokens(atlas, key), _concepts(atlas, key)
+        examples = model_examples(atlas, key)
         metric_ids = sorted({m for per in metrics.values() for m in per})
         kinds = sorted({k for per in tokens.values() for k in per})
         group = model["n_heads"] // max(model["n_kv_heads"], 1)
@@ -207,20 +217,27 @@ def export_headvis(atlas: Atlas, out: str | Path, models: list[str] | None = Non
                 row.update({"kv_head": head // group,
                             "depth": layer / (model["n_layers"] - 1) if model["n_layers"] > 1 else 0.0})
                 scatter.append(row)
+                mine_examples = examples.get((layer, head), {})
+                sequences = headvis_sequences(mine_examples)
+                peaks = [seq["max_activation"] for seq in sequences]
                 head_json = {
-                    "sequences": [], "qk_distance_histogram": {"bin_edges": [], "bin_values": []},
+                    "sequences": sequences, "qk_distance_histogram": {"bin_edges": [], "bin_values": []},
                     "top_query_tokens": [], "top_key_tokens": [], "histogram": {"bin_edges": [], "bin_values": []},
-                    "statistics": {"n_samples": 0, "mean_max_activation": None},
+                    "statistics": {"n_samples": len(sequences),
+                                   "mean_max_activation": sum(peaks) / len(peaks) if peaks else None},
+                    "examples": {criterion: [_example_json(e) for e in rows]
+                                 for criterion, rows in mine_examples.items()},
                     **{f"top_{kind}_tokens": tokens.get((layer, head), {}).get(kind, []) for kind in kinds},
                     "concepts": concepts.get((layer, head), []), "metrics": mine,
                     "layer": layer, "head": head, "kv_head": head // group, "depth": row["depth"]}
                 _write_json(root / "heads" / f"L{layer}H{head}.json", head_json)
         _write_json(root / "scatter_data.json", scatter)
-        run_ids = sorted({v["run_id"] for per in metrics.values() for v in per.values()})
+        run_ids = sorted({v["run_id"] for per in metrics.values() for v in per.values()}
+                         | {e["run_id"] for per in examples.values() for rows in per.values() for e in rows})
         config = {
             "model_name": model["source"], "np_model_id": np_id, "dataset_name": dataset,
             "heads": [[r["layer"], r["head"]] for r in scatter], "n_layers": model["n_layers"],
-            "n_heads": model["n_heads"], "n_intervals": 0,
+            "n_heads": model["n_heads"], "n_intervals": 1 if examples else 0,  # examples: the top interval only
             "metrics": [m for m, src in HEADVIS_METRICS.items() if src in metric_ids] + metric_ids,
             "metric_descriptions": {m: f"head-atlas metric {src}" for m, src in HEADVIS_METRICS.items() if src}
             | {m: f"head-atlas metric {m}; see `atlas query` for its run" for m in metric_ids},

@@ -11,10 +11,11 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.schema import CreateTable
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Version 1 had no derived tables: a writer migrates such a file on open (Atlas._migrate), a reader
-# answers from per-query views over the history instead (Atlas._compat_views).
-READABLE_VERSIONS = (1, 2)
+# answers from per-query views over the history instead (Atlas._compat_views). Version 2 had no
+# head_examples: a writer creates it, a reader sees it as an empty TEMP table (ADDED_IN).
+READABLE_VERSIONS = (1, 2, 3)
 DIALECT = postgresql.dialect(paramstyle="qmark")
 
 metadata = sa.MetaData()
@@ -140,6 +141,21 @@ run_metrics = sa.Table(  # run-level numbers: method agreement, masking checks, 
     sa.Column("detail", sa.JSON),
 )
 
+head_examples = sa.Table(  # example contexts per head (workers/families/examples.py), top-k per criterion
+    "head_examples",
+    metadata,
+    *_head_key(),
+    sa.Column("criterion", sa.String, primary_key=True),  # max_attention / max_write
+    sa.Column("rank", sa.Integer, primary_key=True),  # 1 = highest score
+    sa.Column("score", sa.Double, nullable=False),
+    sa.Column("tokens", sa.JSON, nullable=False),  # token texts, each decoded on its own
+    sa.Column("token_ids", sa.JSON, nullable=False),
+    sa.Column("query_pos", sa.Integer, nullable=False),  # index of the query token in `tokens`
+    sa.Column("attention", sa.JSON, nullable=False),  # the head's attention row at the query, one per token
+    sa.Column("source_window", sa.BigInteger),  # which corpus window, and where in it the query sat
+    sa.Column("source_pos", sa.Integer),
+)
+
 role_thresholds = sa.Table(
     "role_thresholds",
     metadata,
@@ -154,7 +170,12 @@ heads_view = sa.table("heads", sa.column("model_key"), sa.column("alias"), sa.co
                       sa.column("head"), sa.column("kv_head"), sa.column("depth"))
 
 # Tables a shard may carry, in ingest order; all but `concepts` are keyed by run_id.
-SHARD_TABLES = ("head_metrics", "head_tokens", "concepts", "concept_scores", "edits", "run_metrics")
+SHARD_TABLES = ("head_metrics", "head_tokens", "concepts", "concept_scores", "edits", "run_metrics",
+                "head_examples")
+
+# Tables a schema version added, by version: a writer creates them when it migrates an older file; a
+# read-only handle on an older file sees them as empty TEMP tables, so every query still runs.
+ADDED_IN = {3: ("head_examples",)}
 
 
 def arrow_type(column: sa.Column) -> pa.DataType:
@@ -282,6 +303,12 @@ def compat_wide(metric_ids: list[str]) -> str:
 
 def create_statements() -> list[str]:
     return [str(CreateTable(t).compile(dialect=DIALECT)).strip() for t in metadata.sorted_tables]
+
+
+def added_since(version: int) -> dict[str, str]:
+    """{table: CREATE TABLE statement} of the tables added after schema `version` (for migrations)."""
+    names = [name for v, tables in ADDED_IN.items() if v > version for name in tables]
+    return {n: str(CreateTable(metadata.tables[n]).compile(dialect=DIALECT)).strip() for n in names}
 
 
 def wide_columns(metric_ids: list[str]) -> list[str]:

@@ -25,8 +25,8 @@ if TYPE_CHECKING:  # imported where used: `import atlas` and `atlas --help` load
     from atlas.records import RunRecord
 
 LOCK_MARKERS = ("Could not set lock", "Conflicting lock")
-SCHEMA_VERSION = 2  # atlas.schema.SCHEMA_VERSION; here too so opening a file needs no SQLAlchemy
-READABLE_VERSIONS = (1, 2)
+SCHEMA_VERSION = 3  # atlas.schema.SCHEMA_VERSION; here too so opening a file needs no SQLAlchemy
+READABLE_VERSIONS = (1, 2, 3)
 
 
 def _connect(path: Path, read_only: bool, wait_s: float) -> duckdb.DuckDBPyConnection:
@@ -132,28 +132,39 @@ class Atlas:
             )
         if found < SCHEMA_VERSION:
             if self.read_only:
-                self._compat_views()
+                self._compat_views(found)
             else:
-                self._migrate()
+                self._migrate(found)
 
-    def _migrate(self) -> None:
-        """Version 1 -> 2, in the single writer, in one transaction: derive the latest-run tables
-        and the wide table from the history (once; ingests keep them current from then on)."""
+    def _migrate(self, found: int) -> None:
+        """Migrate a file of version `found`, in the single writer, in one transaction. 1 -> 2: derive the
+        latest-run tables and the wide table from the history (once; ingests keep them current from then
+        on). 2 -> 3: create the tables version 3 added (head_examples), empty."""
         from atlas import schema
 
         with self.transaction():
-            for name in ("head_roles", "head_labels", "latest_metrics", "heads"):
-                self.con.execute(f"DROP VIEW IF EXISTS {name}")
-            self._create_derived()
-            self._fill_derived()
+            if found < 2:
+                for name in ("head_roles", "head_labels", "latest_metrics", "heads"):
+                    self.con.execute(f"DROP VIEW IF EXISTS {name}")
+                self._create_derived()
+                self._fill_derived()
+            for ddl in schema.added_since(found).values():
+                self.con.execute(ddl.replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS", 1))
             self.con.execute("UPDATE atlas_meta SET value = ? WHERE key = 'schema_version'",
                              [str(schema.SCHEMA_VERSION)])
 
-    def _compat_views(self) -> None:
-        """A version 1 file opened read-only: the derived tables as TEMP views over the history on this
-        connection only (as slow as version 1 was; open it once with a writer to migrate it)."""
+    def _compat_views(self, found: int) -> None:
+        """An older file opened read-only, on this connection only, nothing written: the tables later
+        versions added as empty TEMP tables; for version 1 also the derived tables as TEMP views over the
+        history (as slow as version 1 was; open it once with a writer to migrate it)."""
         from atlas import schema
 
+        existing = {r[0] for r in self.con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
+        for name, ddl in schema.added_since(found).items():
+            if name not in existing:  # never shadow a table the file has
+                self.con.execute(ddl.replace("CREATE TABLE", "CREATE TEMP TABLE", 1))
+        if found >= 2:
+            return
         for name, body in schema.COMPAT_VIEWS.items():
             self.con.execute(f"CREATE OR REPLACE TEMP VIEW {name} AS {body}")
         metrics = [r[0] for r in self.metric_ids()]

@@ -34,13 +34,15 @@ def show(
     Example: atlas show llama 18.6
     """
     from atlas.cards import card_json, head_card
+    from atlas.examples import head_examples
     from atlas.store import Atlas
 
     with Atlas(db) as atlas:
         card = head_card(atlas, model, head, top)
+        examples = head_examples(atlas, card["model_key"], card["layer"], card["head"])
     fmt = output_format(fmt, as_json)
     if fmt is Format.json:
-        emit_json(card_json(card))
+        emit_json({**card_json(card), "examples": examples})
         return
     name = f"{card['model']} {card['layer']}.{card['head']}"
     stderr.print(f"[bold]{name}[/]  kv_head {card['kv_head']}  depth {card['depth']}  ({card['model_key']})")
@@ -50,8 +52,21 @@ def show(
         _section(table, fmt, f"{name}: {kind} tokens")
     if card["concepts"].num_rows:
         _section(card["concepts"], fmt, f"{name}: concepts")
-    if not (card["metrics"].num_rows or card["tokens"] or card["concepts"].num_rows):
+    if examples:
+        _section(_example_table(examples), fmt, f"{name}: example contexts ([query], <most-attended key>)")
+    if not (card["metrics"].num_rows or card["tokens"] or card["concepts"].num_rows or examples):
         stderr.print("nothing stored for this head yet; run `atlas build`")
+
+
+def _example_table(examples: dict[str, list[dict[str, Any]]]) -> pa.Table:
+    """One row per stored example: criterion, rank, score and the context as one line."""
+    import pyarrow as pa
+
+    from atlas.examples import context_text
+
+    rows = [{"criterion": criterion, "rank": e["rank"], "score": e["score"], "context": context_text(e)}
+            for criterion, kept in examples.items() for e in kept]
+    return pa.Table.from_pylist(rows)
 
 
 def _section(table: pa.Table, fmt: Format, title: str) -> None:

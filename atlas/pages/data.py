@@ -67,6 +67,7 @@ def head_card(atlas: Any, model: str, layer: int, head: int, top: int = 10) -> d
     """The head card of atlas/cards.py (metrics with their rank in the model, tokens per kind, concept
     scores), plus the head's role labels and the model's runs, which the head page shows."""
     from atlas.cards import card_json, model_head_card
+    from atlas.examples import head_examples
 
     m = model_row(atlas, model)  # one lookup: the card parts below take the row
     card = card_json(model_head_card(atlas, m, layer, head, top, m["model_key"]))
@@ -76,7 +77,9 @@ def head_card(atlas: Any, model: str, layer: int, head: int, top: int = 10) -> d
                            [card["model_key"], layer, head]).to_pylist()
     runs = atlas.execute("SELECT run_id, family, family_version, probe_set, status, finished_at FROM runs "
                          "WHERE model_key = ? ORDER BY family, finished_at", [card["model_key"]]).to_pylist()
-    return {**card, "n_layers": m["n_layers"], "n_heads": m["n_heads"], "labels": labels, "runs": runs}
+    examples = head_examples(atlas, card["model_key"], layer, head)  # {} where no examples run exists
+    return {**card, "n_layers": m["n_layers"], "n_heads": m["n_heads"], "labels": labels, "runs": runs,
+            "examples": examples}
 
 
 def list_concepts(atlas: Any) -> pa.Table:

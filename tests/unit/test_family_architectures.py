@@ -18,6 +18,7 @@ SMALL = {
     "retrieval": {"max_context": 256, "retrieval_depths": 2, "retrieval_max_new_tokens": 3,
                   "retrieval_mask_tests": 1},
     "circuits": {"circuits_positions": 32},
+    "examples": {"examples_window": 16, "examples_windows": 3, "examples_top_k": 2, "examples_context": 4},
 }
 
 
@@ -70,8 +71,9 @@ def test_every_family_runs_on_every_architecture(family, architecture, corpus, c
     f = FAMILIES[family]
     config = f.config(validate([f], options))
     result = f.run(lm, {**config, "dtype": "float32"})
-    rows = result.tables["head_metrics"]
+    rows = result.tables["head_examples" if family == "examples" else "head_metrics"]  # examples store no metric
     assert {(r["layer"], r["head"]) for r in rows} >= {(layer, head) for layer in range(lm.adapter.n_layers)
                                                       for head in range(lm.adapter.n_heads)}
     assert first_non_finite(result.tables) is None
-    assert all(r["value"] is None or math.isfinite(r["value"]) for r in rows)
+    values = [r["score" if family == "examples" else "value"] for r in rows]
+    assert all(v is None or math.isfinite(v) for v in values)

@@ -5,13 +5,15 @@ from __future__ import annotations
 from workers.families.ablation import AblationFamily
 from workers.families.base import Family, FamilyResult
 from workers.families.circuits import CircuitsFamily
+from workers.families.examples import ExamplesFamily
 from workers.families.lens import LensFamily
 from workers.families.patterns import PatternsFamily
 from workers.families.pursuit import PursuitFamily
 from workers.families.retrieval import RetrievalFamily
 
 FAMILIES: dict[str, Family] = {family.name: family for family in (
-    PatternsFamily(), LensFamily(), AblationFamily(), PursuitFamily(), RetrievalFamily(), CircuitsFamily())}
+    PatternsFamily(), LensFamily(), AblationFamily(), PursuitFamily(), RetrievalFamily(), CircuitsFamily(),
+    ExamplesFamily())}
 
 
 def _load_plugins() -> None:
