@@ -275,6 +275,8 @@ class Atlas:
         rows = 0
         with self.transaction():
             touched = self._run_metrics(run.run_id)  # what the run held before: a re-ingest may drop a metric
+            # a run never ingested has no rows to delete: skip the deletes, each a scan of a history table
+            seen = bool(self.con.execute("SELECT count(*) FROM runs WHERE run_id = ?", [run.run_id]).fetchall()[0][0])
             self._replace_row(schema.models, model)
             self._replace_row(schema.runs, run.row())
             for name, table in tables.items():
@@ -283,9 +285,10 @@ class Atlas:
                     if name == "concepts":
                         self.con.execute("INSERT OR REPLACE INTO concepts BY NAME SELECT * FROM _shard")
                     else:
-                        self.con.execute(f"DELETE FROM {name} WHERE run_id = ?", [run.run_id])
+                        if seen:
+                            self.con.execute(f"DELETE FROM {name} WHERE run_id = ?", [run.run_id])
                         self.con.execute(f"INSERT INTO {name} BY NAME SELECT * FROM _shard")
-                        self._index_run(name, run.run_id, run.model_key)
+                        self._index_run(name, run.run_id, run.model_key, seen)
                 finally:
                     self.con.unregister("_shard")
                 rows += table.num_rows
@@ -312,13 +315,14 @@ class Atlas:
     def _run_metrics(self, run_id: str) -> set[str]:
         return {r[0] for r in self.con.execute("SELECT metric FROM metric_runs WHERE run_id = ?", [run_id]).fetchall()}
 
-    def _index_run(self, table: str, run_id: str, model_key: str) -> None:
+    def _index_run(self, table: str, run_id: str, model_key: str, seen: bool = True) -> None:
         """Note which metrics / concepts the shard `_shard` brought for this run, and how many rows."""
         index, column = {"head_metrics": ("metric_runs", "metric"),
                          "concept_scores": ("concept_runs", "concept")}.get(table, (None, None))
         if index is None:
             return
-        self.con.execute(f"DELETE FROM {index} WHERE run_id = ?", [run_id])
+        if seen:
+            self.con.execute(f"DELETE FROM {index} WHERE run_id = ?", [run_id])
         self.con.execute(f"INSERT INTO {index} SELECT ?, ?, {column}, count(*) FROM _shard "
                          f"GROUP BY {column} ORDER BY {column}", [run_id, model_key])
 
