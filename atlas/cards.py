@@ -1,9 +1,11 @@
 """Head cards: everything the atlas knows about one head, written generically.
 
 A card reads every metric of the latest complete runs (with the head's rank among all heads of
-its model, both kept by the writer in `latest_head_metrics`), every head_tokens kind (promote,
-suppress, lens, or any a new family adds) and any concept scores, so a new family's data appears
-on the card without touching this file. Plain SQL, filtered to the one head: a card reads what it shows.
+its model), every head_tokens kind (promote, suppress, lens, or any a new family adds) and any concept
+scores, so a new family's data appears on the card without touching this file. All three come from
+the derived tables the writer keeps at ingest (`latest_head_metrics`, `latest_head_tokens`,
+`latest_concept_scores`), looked up by the model's integer model_id, layer and head: a card reads what
+it shows, however much history and however many models the atlas holds.
 """
 
 from __future__ import annotations
@@ -18,14 +20,6 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
     from atlas.store import Atlas
-
-# One head's rows of `{table}` (alias t) from the latest complete run per `{group}` (kind, concept).
-LATEST_PER = """
-    SELECT t.*, r.family, dense_rank() OVER (PARTITION BY t.{group} ORDER BY r.finished_at DESC) AS newest
-    FROM {table} t JOIN runs r ON r.run_id = t.run_id
-    WHERE r.status = 'complete' AND t.model_key = ? AND t.layer = ? AND t.head = ?
-"""
-
 
 def head_card(atlas: Atlas, model: str, head_spec: str, top: int = 10) -> dict[str, Any]:
     """One head's card: identity, metrics with ranks, token readouts per kind, concept scores."""
@@ -47,26 +41,33 @@ def model_head_card(atlas: Atlas, info: dict[str, Any], layer: int, head: int, t
     identity = {"model": info["alias"] or model_key, "model_key": model_key, "layer": layer, "head": head,
                 "kv_head": head // group_size,
                 "depth": round(layer / (info["n_layers"] - 1), 3) if info["n_layers"] > 1 else 0.0}
-    return {**identity, "metrics": head_metrics(atlas, model_key, layer, head),
-            "tokens": head_tokens(atlas, model_key, layer, head, top),
-            "concepts": concept_scores(atlas, model_key, layer, head, top)}
+    model_id = model_id_of(atlas, model_key)
+    return {**identity, "metrics": head_metrics(atlas, model_id, layer, head),
+            "tokens": head_tokens(atlas, model_id, layer, head, top),
+            "concepts": concept_scores(atlas, model_id, layer, head, top)}
 
 
-def head_metrics(atlas: Atlas, model_key: str, layer: int, head: int) -> pa.Table:
+def model_id_of(atlas: Atlas, model_key: str) -> int:
+    """The model's integer id in the derived tables (-1 for a model with no ingested run: no rows)."""
+    found = atlas.execute("SELECT model_id FROM model_ids WHERE model_key = ?", [model_key]).column(0).to_pylist()
+    return int(found[0]) if found else -1
+
+
+def head_metrics(atlas: Atlas, model_id: int, layer: int, head: int) -> pa.Table:
     """Every latest metric of the head with its rank (1 = highest value) among the model's heads."""
     return atlas.execute('SELECT metric, value, stderr, n, rank, "of" FROM latest_head_metrics '
-                         "WHERE model_key = ? AND layer = ? AND head = ? ORDER BY metric", [model_key, layer, head])
+                         "WHERE model_id = ? AND layer = ? AND head = ? ORDER BY metric", [model_id, layer, head])
 
 
-def head_tokens(atlas: Atlas, model_key: str, layer: int, head: int, top: int) -> dict[str, pa.Table]:
+def head_tokens(atlas: Atlas, model_id: int, layer: int, head: int, top: int) -> dict[str, pa.Table]:
     """{kind: table of rank, token_text, token_id, score} from the latest complete run per kind.
 
     The rows come sorted by kind and are sliced, not filtered: a filter on a Python value would
     import pandas (pyarrow converts the value), which `atlas show` would pay for at start-up."""
-    table = atlas.execute(f"""
-        SELECT kind, rank, token_text, token_id, score, family
-        FROM ({LATEST_PER.format(table="head_tokens", group="kind")})
-        WHERE newest = 1 AND rank <= ? ORDER BY kind, rank""", [model_key, layer, head, top])
+    table = atlas.execute("""
+        SELECT kind, rank, token_text, token_id, score, family FROM latest_head_tokens
+        WHERE model_id = ? AND layer = ? AND head = ? AND rank <= ? ORDER BY kind, rank""",
+                          [model_id, layer, head, top])
     kinds = table.column("kind").to_pylist()
     rest = table.drop_columns(["kind"])
     out: dict[str, pa.Table] = {}
@@ -78,12 +79,11 @@ def head_tokens(atlas: Atlas, model_key: str, layer: int, head: int, top: int) -
     return out
 
 
-def concept_scores(atlas: Atlas, model_key: str, layer: int, head: int, top: int) -> pa.Table:
+def concept_scores(atlas: Atlas, model_id: int, layer: int, head: int, top: int) -> pa.Table:
     """Concept scores of the head (latest complete run per concept), best first."""
-    return atlas.execute(f"""
-        SELECT concept, score, rank, family
-        FROM ({LATEST_PER.format(table="concept_scores", group="concept")})
-        WHERE newest = 1 ORDER BY score DESC LIMIT ?""", [model_key, layer, head, top])
+    return atlas.execute("""
+        SELECT concept, score, rank, family FROM latest_concept_scores
+        WHERE model_id = ? AND layer = ? AND head = ? ORDER BY score DESC LIMIT ?""", [model_id, layer, head, top])
 
 
 def card_json(card: dict[str, Any]) -> dict[str, Any]:

@@ -12,9 +12,11 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.schema import CreateTable
 
 SCHEMA_VERSION = 3
-# Version 1 had no derived tables: a writer migrates such a file on open (Atlas._migrate), a reader
-# answers from per-query views over the history instead (Atlas._compat_views). Version 2 had no
-# head_examples: a writer creates it, a reader sees it as an empty TEMP table (ADDED_IN).
+# Version 1 had no derived tables; version 2 had no model_ids, no model_id column in latest_head_metrics,
+# no latest_head_tokens / latest_concept_scores and no head_examples. A writer migrates such a file on open
+# (Atlas._migrate: the derived tables are recomputed from the history, the added tables created empty), a
+# reader answers from per-query views over the history and sees the added tables as empty TEMP tables
+# (Atlas._compat_views, ADDED_IN).
 READABLE_VERSIONS = (1, 2, 3)
 DIALECT = postgresql.dialect(paramstyle="qmark")
 
@@ -253,12 +255,40 @@ def latest_select(where: str = "") -> str:
     """
 
 
+def latest_head_rows_select(table: str, group: str, where: str = "") -> str:
+    """A history table's rows (head_tokens per kind, concept_scores per concept) from the newest complete
+    run per (model, head, `group`), with the run's family and the model's model_id; `where` filters the
+    table (alias t). dense_rank: runs that finished at the same instant both stay, as the card showed them."""
+    return f"""
+        SELECT t.*, r.family, i.model_id FROM {table} t JOIN runs r ON r.run_id = t.run_id
+        JOIN model_ids i ON i.model_key = t.model_key
+        WHERE r.status = 'complete' {where}
+        QUALIFY dense_rank() OVER (PARTITION BY t.model_key, t.layer, t.head, t.{group}
+                                   ORDER BY r.finished_at DESC) = 1
+    """
+
+
+# A head card reads one head's rows: by an INTEGER model_id, because DuckDB's zone maps keep only an 8-byte
+# prefix of a string, so `model_key = ?` cannot skip the row groups of models whose keys share one
+# ("llama-3.1-..."): a card's lookups on a 100-model atlas took 4-8 ms each by key, 0.7-0.9 ms by id.
 DERIVED_TABLES = {
+    # a small integer per model, assigned at its first ingest: what the derived tables cluster on
+    "model_ids": "CREATE TABLE model_ids (model_key VARCHAR PRIMARY KEY, model_id INTEGER NOT NULL)",
     # the latest value of every (model, metric, head), clustered by model (inserted model by model)
     "latest_head_metrics": """CREATE TABLE latest_head_metrics (
         run_id VARCHAR NOT NULL, model_key VARCHAR NOT NULL, layer INTEGER NOT NULL, head INTEGER NOT NULL,
         metric VARCHAR NOT NULL, value DOUBLE NOT NULL, n BIGINT, stderr DOUBLE,
-        rank BIGINT NOT NULL, "of" BIGINT NOT NULL)""",
+        rank BIGINT NOT NULL, "of" BIGINT NOT NULL, model_id INTEGER NOT NULL)""",
+    # a head's token readouts and concept scores from the newest complete run per kind / concept, ordered
+    # by model, layer, head (the card's lookups); the history tables keep every run
+    "latest_head_tokens": """CREATE TABLE latest_head_tokens (
+        run_id VARCHAR NOT NULL, model_key VARCHAR NOT NULL, layer INTEGER NOT NULL, head INTEGER NOT NULL,
+        kind VARCHAR NOT NULL, rank INTEGER NOT NULL, token_id BIGINT NOT NULL, token_text VARCHAR NOT NULL,
+        score DOUBLE NOT NULL, family VARCHAR NOT NULL, model_id INTEGER NOT NULL)""",
+    "latest_concept_scores": """CREATE TABLE latest_concept_scores (
+        run_id VARCHAR NOT NULL, model_key VARCHAR NOT NULL, layer INTEGER NOT NULL, head INTEGER NOT NULL,
+        concept VARCHAR NOT NULL, score DOUBLE NOT NULL, rank INTEGER NOT NULL, family VARCHAR NOT NULL,
+        model_id INTEGER NOT NULL)""",
     # which metrics / concepts each run stored (and how many rows): small, read instead of the history
     "metric_runs": """CREATE TABLE metric_runs (
         run_id VARCHAR NOT NULL, model_key VARCHAR NOT NULL, metric VARCHAR NOT NULL, rows BIGINT NOT NULL)""",
@@ -279,10 +309,13 @@ VIEWS = {
     """,
 }
 
-# Version 1 files opened read-only: the derived tables as views over the history (as version 1 computed
+# Older files opened read-only: the derived tables as views over the history (as version 1 computed
 # them on every query), created TEMP on the reader's own connection; nothing is written to the file.
 COMPAT_VIEWS = {
-    "latest_head_metrics": latest_select(),
+    "model_ids": "SELECT model_key, (row_number() OVER (ORDER BY model_key))::INTEGER AS model_id FROM models",
+    "latest_head_metrics": f"SELECT l.*, i.model_id FROM ({latest_select()}) l JOIN model_ids i USING (model_key)",
+    "latest_head_tokens": latest_head_rows_select("head_tokens", "kind"),
+    "latest_concept_scores": latest_head_rows_select("concept_scores", "concept"),
     "metric_runs": "SELECT run_id, any_value(model_key) AS model_key, metric, count(*) AS rows "
                    "FROM head_metrics GROUP BY run_id, metric",
     "concept_runs": "SELECT run_id, any_value(model_key) AS model_key, concept, count(*) AS rows "

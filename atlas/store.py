@@ -137,34 +137,34 @@ class Atlas:
                 self._migrate(found)
 
     def _migrate(self, found: int) -> None:
-        """Migrate a file of version `found`, in the single writer, in one transaction. 1 -> 2: derive the
-        latest-run tables and the wide table from the history (once; ingests keep them current from then
-        on). 2 -> 3: create the tables version 3 added (head_examples), empty."""
+        """Migrate a file of version `found` to this version, in the single writer, in one transaction:
+        create the tables later versions added (head_examples), empty; drop the derived tables and views
+        (version 1 had none, version 2 had them without model_ids, model_id and the per-head latest tables)
+        and derive them again from the history (once; ingests keep them current from then on)."""
         from atlas import schema
 
         with self.transaction():
-            if found < 2:
-                for name in ("head_roles", "head_labels", "latest_metrics", "heads"):
-                    self.con.execute(f"DROP VIEW IF EXISTS {name}")
-                self._create_derived()
-                self._fill_derived()
             for ddl in schema.added_since(found).values():
                 self.con.execute(ddl.replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS", 1))
+            for name in ("head_roles", "head_labels", "latest_metrics", "heads"):
+                self.con.execute(f"DROP VIEW IF EXISTS {name}")
+            for name in schema.DERIVED_TABLES:
+                self.con.execute(f"DROP TABLE IF EXISTS {name}")
+            self._create_derived()
+            self._fill_derived()
             self.con.execute("UPDATE atlas_meta SET value = ? WHERE key = 'schema_version'",
                              [str(schema.SCHEMA_VERSION)])
 
     def _compat_views(self, found: int) -> None:
         """An older file opened read-only, on this connection only, nothing written: the tables later
-        versions added as empty TEMP tables; for version 1 also the derived tables as TEMP views over the
-        history (as slow as version 1 was; open it once with a writer to migrate it)."""
+        versions added as empty TEMP tables, and the derived tables as TEMP views over the history that
+        shadow any the file has (as slow as version 1 was; open it once with a writer to migrate it)."""
         from atlas import schema
 
         existing = {r[0] for r in self.con.execute("SELECT table_name FROM duckdb_tables()").fetchall()}
         for name, ddl in schema.added_since(found).items():
             if name not in existing:  # never shadow a table the file has
                 self.con.execute(ddl.replace("CREATE TABLE", "CREATE TEMP TABLE", 1))
-        if found >= 2:
-            return
         for name, body in schema.COMPAT_VIEWS.items():
             self.con.execute(f"CREATE OR REPLACE TEMP VIEW {name} AS {body}")
         metrics = [r[0] for r in self.metric_ids()]
@@ -175,9 +175,11 @@ class Atlas:
 
     def rebuild_derived(self) -> None:
         """Recompute every derived table from the history tables (they are a cache of them)."""
+        from atlas import schema
+
         self._require_writer()
         with self.transaction():
-            for name in ("latest_head_metrics", "metric_runs", "concept_runs", "head_roles_wide"):
+            for name in schema.DERIVED_TABLES:
                 self.con.execute(f"DROP TABLE {name}")
             self._create_derived()
             self._fill_derived()
@@ -189,8 +191,13 @@ class Atlas:
                          "FROM head_metrics GROUP BY run_id, metric ORDER BY run_id, metric")
         self.con.execute("INSERT INTO concept_runs SELECT run_id, any_value(model_key), concept, count(*) "
                          "FROM concept_scores GROUP BY run_id, concept ORDER BY run_id, concept")
-        self.con.execute(f"INSERT INTO latest_head_metrics {schema.latest_select()} "
-                         "ORDER BY model_key, metric, layer, head")
+        self.con.execute("INSERT INTO model_ids SELECT model_key, row_number() OVER (ORDER BY model_key) "
+                         "FROM models ORDER BY model_key")
+        self.con.execute(f"INSERT INTO latest_head_metrics BY NAME SELECT l.*, i.model_id "
+                         f"FROM ({schema.latest_select()}) l JOIN model_ids i USING (model_key) "
+                         "ORDER BY model_id, metric, layer, head")
+        for table in LATEST_HEAD_ROWS:
+            self._refresh_head_rows(table, None)
         self._refresh_wide(None)
 
     @contextmanager
@@ -286,7 +293,10 @@ class Atlas:
         rows = 0
         with self.transaction():
             touched = self._run_metrics(run.run_id)  # what the run held before: a re-ingest may drop a metric
+            # a run never ingested has no rows to delete: skip the deletes, each a scan of a history table
+            seen = bool(self.con.execute("SELECT count(*) FROM runs WHERE run_id = ?", [run.run_id]).fetchall()[0][0])
             self._replace_row(schema.models, model)
+            self._ensure_model_id(run.model_key)
             self._replace_row(schema.runs, run.row())
             for name, table in tables.items():
                 self.con.register("_shard", table)  # connection-local: other cursors never see it
@@ -294,9 +304,10 @@ class Atlas:
                     if name == "concepts":
                         self.con.execute("INSERT OR REPLACE INTO concepts BY NAME SELECT * FROM _shard")
                     else:
-                        self.con.execute(f"DELETE FROM {name} WHERE run_id = ?", [run.run_id])
+                        if seen:
+                            self.con.execute(f"DELETE FROM {name} WHERE run_id = ?", [run.run_id])
                         self.con.execute(f"INSERT INTO {name} BY NAME SELECT * FROM _shard")
-                        self._index_run(name, run.run_id, run.model_key)
+                        self._index_run(name, run.run_id, run.model_key, seen)
                 finally:
                     self.con.unregister("_shard")
                 rows += table.num_rows
@@ -306,6 +317,9 @@ class Atlas:
                 self._refresh_wide(run.model_key, metrics)
             else:
                 self._refresh(run.model_key, touched | metrics)
+            for table in LATEST_HEAD_ROWS:  # a re-ingest may have dropped the run's rows of a table
+                if table in tables or seen:
+                    self._refresh_head_rows(table, run.model_key)
         return rows
 
     def record_failure(self, run: RunRecord, model: dict[str, Any] | None) -> None:
@@ -316,22 +330,50 @@ class Atlas:
         with self.transaction():
             if model is not None:
                 self._replace_row(schema.models, model)
+            self._ensure_model_id(run.model_key)
             self._replace_row(schema.runs, run.row())
             self._refresh(run.model_key, self._run_metrics(run.run_id))  # its rows may have been the latest
+            for table in LATEST_HEAD_ROWS:
+                self._refresh_head_rows(table, run.model_key)
 
     # -- derived tables (see atlas/schema.py): kept by the writer, inside the ingest's transaction ---------
     def _run_metrics(self, run_id: str) -> set[str]:
         return {r[0] for r in self.con.execute("SELECT metric FROM metric_runs WHERE run_id = ?", [run_id]).fetchall()}
 
-    def _index_run(self, table: str, run_id: str, model_key: str) -> None:
+    def _index_run(self, table: str, run_id: str, model_key: str, seen: bool = True) -> None:
         """Note which metrics / concepts the shard `_shard` brought for this run, and how many rows."""
         index, column = {"head_metrics": ("metric_runs", "metric"),
                          "concept_scores": ("concept_runs", "concept")}.get(table, (None, None))
         if index is None:
             return
-        self.con.execute(f"DELETE FROM {index} WHERE run_id = ?", [run_id])
+        if seen:
+            self.con.execute(f"DELETE FROM {index} WHERE run_id = ?", [run_id])
         self.con.execute(f"INSERT INTO {index} SELECT ?, ?, {column}, count(*) FROM _shard "
                          f"GROUP BY {column} ORDER BY {column}", [run_id, model_key])
+
+    def _ensure_model_id(self, model_key: str) -> None:
+        """Give a model seen for the first time the next model_id (ids are never reused or changed)."""
+        self.con.execute("INSERT INTO model_ids SELECT ?, (SELECT coalesce(max(model_id), 0) + 1 FROM model_ids) "
+                         "WHERE NOT EXISTS (SELECT 1 FROM model_ids WHERE model_key = ?)", [model_key, model_key])
+
+    def _model_id(self, model_key: str) -> int:
+        return int(self.con.execute("SELECT model_id FROM model_ids WHERE model_key = ?", [model_key]).fetchall()[0][0])
+
+    def _refresh_head_rows(self, table: str, model_key: str | None) -> None:
+        """Recompute latest_head_tokens / latest_concept_scores for one model (None: every model) from the
+        history: the newest complete run's rows per head and kind / concept."""
+        from atlas import schema
+
+        group = LATEST_HEAD_ROWS[table]
+        target = f"latest_{table}"
+        if model_key is None:
+            self.con.execute(f"DELETE FROM {target}")
+            where, params = "", []
+        else:
+            self.con.execute(f"DELETE FROM {target} WHERE model_id = ?", [self._model_id(model_key)])
+            where, params = "AND t.model_key = ?", [model_key]
+        self.con.execute(f"INSERT INTO {target} BY NAME {schema.latest_head_rows_select(table, group, where)} "
+                         f"ORDER BY model_id, layer, head, {group}, rank", params)
 
     def _refresh(self, model_key: str, metrics: set[str]) -> None:
         """Recompute the latest values (with ranks) of one model's `metrics`, then its wide rows: the
@@ -343,9 +385,9 @@ class Atlas:
             self.con.execute("DELETE FROM latest_head_metrics WHERE model_key = ? AND list_contains(?, metric)",
                              [model_key, chosen])
             self.con.execute(
-                f"INSERT INTO latest_head_metrics "
-                f"{schema.latest_select('AND hm.model_key = ? AND list_contains(?, hm.metric)')} "
-                f"ORDER BY metric, layer, head", [model_key, chosen])
+                f"INSERT INTO latest_head_metrics BY NAME SELECT *, ? AS model_id FROM "
+                f"({schema.latest_select('AND hm.model_key = ? AND list_contains(?, hm.metric)')}) "
+                f"ORDER BY metric, layer, head", [self._model_id(model_key), model_key, chosen])
         self._refresh_wide(model_key)
 
     def _is_newest(self, run: RunRecord, metrics: set[str]) -> bool:
@@ -374,14 +416,14 @@ class Atlas:
             self.con.execute("DELETE FROM latest_head_metrics WHERE model_key = ? AND list_contains(?, metric)",
                              [model_key, chosen])
             self.con.execute("""
-                INSERT INTO latest_head_metrics
+                INSERT INTO latest_head_metrics BY NAME
                 SELECT *, rank() OVER (PARTITION BY metric ORDER BY value DESC) AS rank,
-                       count(*) OVER (PARTITION BY metric) AS "of"
+                       count(*) OVER (PARTITION BY metric) AS "of", ? AS model_id
                 FROM (SELECT run_id, model_key, layer, head, metric, value, n, stderr FROM _shard
                       UNION ALL
                       SELECT * FROM _old_latest o WHERE NOT EXISTS (
                           SELECT 1 FROM _shard s WHERE s.metric = o.metric AND s.layer = o.layer AND s.head = o.head))
-                ORDER BY metric, layer, head""")
+                ORDER BY metric, layer, head""", [self._model_id(model_key)])
         finally:
             self.con.unregister("_shard")
 
@@ -454,6 +496,10 @@ class Atlas:
                  f"ON metric IN ({listed}) USING first(value) GROUP BY model_key, layer, head)")
         self.con.execute(f"UPDATE head_roles_wide w SET {assigned} FROM {pivot} p WHERE w.model_key = {key} "
                          f"AND p.model_key = w.model_key AND p.layer = w.layer AND p.head = w.head")
+
+
+# history tables with a per-head latest copy (atlas/schema.py), and what "latest" is taken per
+LATEST_HEAD_ROWS = {"head_tokens": "kind", "concept_scores": "concept"}
 
 
 def _metric_set(table: pa.Table) -> set[str]:

@@ -71,10 +71,12 @@ def head_card(atlas: Any, model: str, layer: int, head: int, top: int = 10) -> d
 
     m = model_row(atlas, model)  # one lookup: the card parts below take the row
     card = card_json(model_head_card(atlas, m, layer, head, top, m["model_key"]))
-    labels = atlas.execute("SELECT t.label, l.metric, l.value, t.threshold FROM latest_head_metrics l "
-                           "JOIN role_thresholds t ON t.metric = l.metric WHERE l.model_key = ? AND l.layer = ? "
-                           "AND l.head = ? AND l.value > t.threshold ORDER BY t.label",  # head_labels, filtered first
-                           [card["model_key"], layer, head]).to_pylist()
+    thresholds = atlas.execute("SELECT metric, label, threshold FROM role_thresholds").to_pylist()
+    values = {m["metric"]: m["value"] for m in card["metrics"]}
+    labels = sorted(({"label": t["label"], "metric": t["metric"], "value": values[t["metric"]],
+                      "threshold": t["threshold"]} for t in thresholds
+                     if t["metric"] in values and values[t["metric"]] > t["threshold"]),
+                    key=lambda r: (r["label"], r["metric"]))  # head_labels' rows of this head
     runs = atlas.execute("SELECT run_id, family, family_version, probe_set, status, finished_at FROM runs "
                          "WHERE model_key = ? ORDER BY family, finished_at", [card["model_key"]]).to_pylist()
     examples = head_examples(atlas, card["model_key"], layer, head)  # {} where no examples run exists

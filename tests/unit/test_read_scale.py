@@ -224,3 +224,103 @@ def test_role_summary_is_the_version_1_count_and_top_heads(fresh_atlas: Path) ->
                                  "top_heads": ", ".join(f"{r[1]}.{r[2]} ({r[3]:.2f})" for r in heads[:3])})
     assert got == expected
     assert {r["metric"] for r in got} == {"patterns.induction", "patterns.prev_token", "patterns.bos_sink"}
+
+
+# The head card's query before the per-head latest tables (version 2): one head's rows of a history table
+# from the newest complete run per kind / concept, computed from the history on every card.
+V2_CARD_ROWS = """
+    SELECT * EXCLUDE (newest) FROM (
+        SELECT t.*, r.family, dense_rank() OVER (PARTITION BY t.{group} ORDER BY r.finished_at DESC) AS newest
+        FROM {table} t JOIN runs r ON r.run_id = t.run_id
+        WHERE r.status = 'complete' AND t.model_key = ? AND t.layer = ? AND t.head = ?)
+    WHERE newest = 1"""
+
+
+def token_rows(model: dict, kind: str, base: int) -> list[dict]:
+    return [{"layer": la, "head": h, "kind": kind, "rank": rank, "token_id": base + rank,
+             "token_text": f" t{base + rank}", "score": float(base - rank)}
+            for la in range(model["n_layers"]) for h in range(model["n_heads"]) for rank in (1, 2)]
+
+
+def concept_rows(model: dict, concept: str, value: float) -> list[dict]:
+    return [{"layer": la, "head": h, "concept": concept, "score": value + la - h / 10, "rank": 1 + la * 10 + h}
+            for la in range(model["n_layers"]) for h in range(model["n_heads"])]
+
+
+def test_the_per_head_tables_kept_at_ingest_answer_as_the_history_did(fresh_atlas: Path) -> None:
+    """latest_head_tokens / latest_concept_scores after late, partial, failed and re-ingested runs equal
+    the version 2 card's per-head query over the history, and a rebuild from the history."""
+    db, key = fresh_atlas, ALPHA["model_key"]
+    ingest(db, run_record("lens-new", key, finished="2026-03-01T00:00:00+00:00"), ALPHA,
+           {"head_tokens": token_rows(ALPHA, "promote", 100)})
+    ingest(db, run_record("lens-old", key, finished="2026-01-01T00:00:00+00:00"), ALPHA,  # older, ingested late
+           {"head_tokens": [*token_rows(ALPHA, "promote", 200), *token_rows(ALPHA, "suppress", 300)]})
+    ingest(db, run_record("pursuit", key), ALPHA, {"concept_scores": concept_rows(ALPHA, "colors", 1.0)})
+    partial = [r for r in concept_rows(ALPHA, "colors", 5.0) if r["layer"] == 0]
+    ingest(db, run_record("pursuit-partial", key, finished="2026-06-01T00:00:00+00:00"), ALPHA,
+           {"concept_scores": [*partial, *concept_rows(ALPHA, "months", 2.0)]})
+    ingest(db, run_record("lens-b", BETA["model_key"]), BETA, {"head_tokens": token_rows(BETA, "promote", 400)})
+    ingest(db, run_record("pursuit-partial", key, finished="2026-06-01T00:00:00+00:00"), ALPHA,  # re-ingest: no months
+           {"concept_scores": partial})
+    with Atlas.writer(db) as atlas:
+        atlas.record_failure(run_record("lens-new", key, status="failed", error="oom",
+                                        finished="2026-03-01T00:00:00+00:00"), ALPHA)
+
+    def per_head(atlas: Atlas, table: str, group: str, columns: str) -> list[tuple]:
+        got, want = [], []
+        for model in (ALPHA, BETA):
+            model_id = atlas.con.execute("SELECT model_id FROM model_ids WHERE model_key = ?",
+                                         [model["model_key"]]).fetchall()[0][0]
+            for la in range(model["n_layers"]):
+                for h in range(model["n_heads"]):
+                    got += atlas.con.execute(f"SELECT {columns} FROM latest_{table} WHERE model_id = ? "
+                                             "AND layer = ? AND head = ? ORDER BY ALL", [model_id, la, h]).fetchall()
+                    old_card = V2_CARD_ROWS.format(table=table, group=group)
+                    want += atlas.con.execute(f"SELECT {columns} FROM ({old_card}) ORDER BY ALL",
+                                              [model["model_key"], la, h]).fetchall()
+        assert got == want
+        return got
+
+    tokens_cols = "run_id, model_key, layer, head, kind, rank, token_id, token_text, score, family"
+    concept_cols = "run_id, model_key, layer, head, concept, score, rank, family"
+    with Atlas.writer(db) as atlas:
+        tokens = per_head(atlas, "head_tokens", "kind", tokens_cols)
+        concepts = per_head(atlas, "concept_scores", "concept", concept_cols)
+        assert {r[0] for r in tokens if r[1] == key} == {"lens-old"}  # lens-new failed after it was ingested
+        assert {(r[0], r[2]) for r in concepts} == {("pursuit-partial", 0), ("pursuit", 1), ("pursuit", 2)}
+        assert not [r for r in concepts if r[4] == "months"]  # the re-ingest dropped them
+        ids = atlas.con.execute("SELECT * FROM model_ids ORDER BY model_id").fetchall()
+        assert ids == [(key, 1), (BETA["model_key"], 2)]  # in order of first ingest
+        atlas.rebuild_derived()
+        assert per_head(atlas, "head_tokens", "kind", tokens_cols) == tokens
+        assert per_head(atlas, "concept_scores", "concept", concept_cols) == concepts
+
+
+def downgrade_to_v2(db: Path) -> None:
+    """What version 2 wrote for the same rows: no model_ids, no per-head token / concept tables, no model_id."""
+    con = duckdb.connect(str(db))
+    for table in ("model_ids", "latest_head_tokens", "latest_concept_scores"):
+        con.execute(f"DROP TABLE {table}")
+    con.execute("ALTER TABLE latest_head_metrics DROP COLUMN model_id")
+    con.execute("UPDATE atlas_meta SET value = '2' WHERE key = 'schema_version'")
+    con.close()
+
+
+def test_a_version_2_file_shows_the_same_card_read_only_and_migrates_in_the_writer(fresh_atlas: Path) -> None:
+    from atlas.cards import card_json, head_card
+
+    db = history(fresh_atlas)
+    ingest(db, run_record("lens", ALPHA["model_key"]), ALPHA, {"head_tokens": token_rows(ALPHA, "promote", 100),
+                                                              "concept_scores": concept_rows(ALPHA, "colors", 1.0)})
+    with Atlas(db) as atlas:
+        want = [card_json(head_card(atlas, "alpha", f"{la}.{h}")) for la in range(3) for h in range(4)]
+    downgrade_to_v2(db)
+    before = db.read_bytes()
+    with Atlas(db) as atlas:  # read-only: TEMP views over the history, nothing written
+        assert [card_json(head_card(atlas, "alpha", f"{la}.{h}")) for la in range(3) for h in range(4)] == want
+    assert db.read_bytes() == before
+    with Atlas.writer(db):
+        pass
+    with Atlas(db) as atlas:
+        assert atlas.con.execute("SELECT value FROM atlas_meta WHERE key = 'schema_version'").fetchall() == [("3",)]
+        assert [card_json(head_card(atlas, "alpha", f"{la}.{h}")) for la in range(3) for h in range(4)] == want
