@@ -37,6 +37,7 @@ from atlas.errors import BadInput
 from workers.batching import (
     MEMORY_FRACTION,
     Shape,
+    ablation_copy_bytes,
     captured_z_bytes,
     eager_attention_bytes,
     forward_bytes,
@@ -48,7 +49,6 @@ PROMPT_TOKENS = {"ioi": 16, "concept": 9, "heldout": 8, "pursuit_sample": 10}
 #: concepts in the built-in set (workers/data/concepts/builtin.toml), when a config does not list them
 BUILTIN_CONCEPTS = 12
 HELDOUT_PER_CONCEPT = 8
-CONCEPT_IDS = 40  # single-token ids of a concept's dictionary (words x variants), typical
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,7 @@ class Work:
     decode_steps: float = 0.0
     device_flops: float = 0.0
     host_flops: float = 0.0
+    host_seconds: float = 0.0  # host time that no FLOP rate sets (Python per SOMP step, per vocabulary id)
     activation_bytes: float = 0.0  # peak activations beside the weights
     batch: int | None = None  # the minibatch (sequences or decode rows) chosen for the profile's memory
     notes: list[str] = field(default_factory=list)
@@ -98,7 +99,8 @@ class Work:
         return Work(self.forwards + other.forwards, self.forward_tokens + other.forward_tokens,
                     self.attention_pairs + other.attention_pairs, self.logit_rows + other.logit_rows,
                     self.decode_steps + other.decode_steps, self.device_flops + other.device_flops,
-                    self.host_flops + other.host_flops, max(self.activation_bytes, other.activation_bytes),
+                    self.host_flops + other.host_flops, self.host_seconds + other.host_seconds,
+                    max(self.activation_bytes, other.activation_bytes),
                     self.batch or other.batch, self.notes + other.notes)
 
 
@@ -167,14 +169,16 @@ def ablation_work(s: Shape, c: dict[str, Any], room: float, elem: int) -> Work:
             continue
         tokens = b * t
         if exact:
-            # one stacked copy per head, resumed at its layer; heads_per_forward bounds the kept logits
-            copies = max(1, min(s.n_heads, int(2**29 // max(1, b * k * s.vocab * 4))))
+            # one stacked copy per head, resumed at its layer: as many copies per forward as the memory left
+            # beside the clean cache (every layer's block input and z) holds (exact.heads_per_forward)
+            cache = layers * b * t * (s.d_model + s.n_heads * s.d_head) * 4
+            per_copy = ablation_copy_bytes(s, b, t, k, elem)
+            copies = _fit(s.n_heads, per_copy, room - cache)
             w = w.add(Work(forwards=1 + layers * math.ceil(s.n_heads / copies),
                            forward_tokens=tokens * (1 + heads * resumed),
                            attention_pairs=b * t * t / 2 * (1 + heads * resumed),
                            logit_rows=b * k * (1 + heads),
-                           activation_bytes=copies * b * (forward_bytes(s, t, elem) + k * s.vocab * 4)
-                           + layers * b * t * (s.d_model + s.n_heads * s.d_head) * 4))
+                           activation_bytes=copies * per_copy + cache, batch=copies))
         if atp:  # a forward and a backward (two forwards' worth) per probe set, QK-fixed terms per layer
             w = w.add(Work(forwards=2, forward_tokens=3 * tokens, attention_pairs=3 * b * t * t / 2,
                            logit_rows=3 * b * k,
@@ -185,24 +189,94 @@ def ablation_work(s: Shape, c: dict[str, Any], room: float, elem: int) -> Work:
     return w
 
 
+# -- pursuit's host arithmetic (workers/families/pursuit/somp.py), priced from timers --------------------------
+# Fitted on the 2-core development CPU with one thread (bench/bench_pursuit.py --host-cost; docs/cost-model.md):
+# SOMP runs in float64, where a multiply-add costs FLOAT64 times a float32 one at the calibrated rate; each step
+# rescans every (head, atom, row) correlation (score, mask, rank-1 update: memory-bound), SOMP_ELEMENT FLOP-
+# equivalents apiece, and with per-head dictionaries (the readout's shortlists) computes one Gram row, GRAM_ELEMENT
+# per (head, atom, d_model) entry; SOMP_STEP_S of Python per step. The shortlist's top-k keeps TOPK_ELEMENT per
+# (head, vocabulary id). CONTROL_POOL_S: the same-kind word pools, Python over every vocabulary id, once.
+FLOAT64 = 2.0
+SOMP_ELEMENT = 140.0
+GRAM_ELEMENT = 95.0
+SOMP_STEP_S = 2e-4
+TOPK_ELEMENT = 2800.0
+CONTROL_POOL_S = 5e-6
+READOUT_CHUNK = 16384  # vocabulary rows per shortlist step (pursuit.readout's chunk)
+
+
+def ids_per_word(s: Shape) -> float:
+    """Single-token dictionary ids per concept word (of its six variants), typical: 1.9 on SmolLM2's 49k
+    vocabulary, 3.0 on Gemma 3's 262k (the built-in concepts)."""
+    return 3.0 if s.vocab >= 100_000 else 2.0
+
+
+def somp_price(s: Shape, heads: int, atoms: int, rows: int, steps: int, shared: bool) -> tuple[float, float]:
+    """(host FLOP-equivalents, host seconds) of one `somp_heads` call on `heads` heads, `atoms` dictionary
+    rows (shared, or one dictionary per head), `rows` rows of X per head, `steps` steps; the EVR denominator
+    (`output_variance`) is priced by the caller, which computes it once per ranking."""
+    steps = min(steps, atoms)
+    setup = 2.0 * heads * atoms * s.d_head * (s.d_model + rows)  # D W_O^T, then its correlations with X
+    if shared:
+        setup += 2.0 * atoms * atoms * s.d_model  # the atoms' Gram matrix, once for every head
+    loop = SOMP_ELEMENT * steps * heads * atoms * rows
+    if not shared:
+        loop += GRAM_ELEMENT * steps * heads * atoms * s.d_model  # the chosen atom's Gram row, per step
+    return FLOAT64 * setup + loop, SOMP_STEP_S * steps
+
+
+def output_variance_flops(s: Shape, heads: int, rows: int) -> float:
+    """`output_variance`: X (W_O W_O^T) X^T per head, float64."""
+    return FLOAT64 * 2.0 * heads * s.d_head * s.d_head * (s.d_model + rows)
+
+
+def ranking_price(s: Shape, c: dict[str, Any], samples: int) -> tuple[float, float]:
+    """(host FLOP-equivalents, host seconds) of `rank_concepts`: SOMP over each concept's dictionary and its
+    control dictionaries, the EVR denominator once, the logit-lens baseline, the control pools."""
+    heads = s.n_layers * s.n_heads
+    rows = samples if c["criterion"] == "l1" else s.d_head  # l2 reads the full-rank covariance factor
+    dictionaries = 1 + c["control"]["dictionaries"]
+    flops, seconds = output_variance_flops(s, heads, rows), 0.0
+    for concept in c["concepts"]:  # the family's config lists every concept with its words
+        n_ids = max(1, round(len(concept["words"]) * ids_per_word(s)))
+        steps = max(1, min(c["steps"], int(c.get("max_step_fraction", 1.0) * n_ids)))
+        f, t = somp_price(s, heads, n_ids, rows, steps, shared=True)
+        flops += dictionaries * f + 2.0 * heads * s.d_model * (s.d_head + n_ids)  # + the logit-lens baseline
+        seconds += dictionaries * t
+    if c["criterion"] == "l2":
+        flops += FLOAT64 * 10.0 * heads * s.d_head ** 3  # eigh of every head's scatter
+    if c["control"]["dictionaries"]:
+        seconds += CONTROL_POOL_S * s.vocab
+    return flops, seconds
+
+
+def readout_price(s: Shape, c: dict[str, Any]) -> tuple[float, float, float]:
+    """(host FLOP-equivalents, host seconds, device FLOPs) of `readout`: two covariance factors and SOMP on
+    each layer's shortlists on the host; the full-vocabulary shortlist on the unembedding's device."""
+    heads, r = s.n_layers * s.n_heads, c["readout"]
+    flops = FLOAT64 * 2 * 10.0 * heads * s.d_head ** 3  # eigh of every head's scatter, twice
+    candidates = min(r["candidates"], s.vocab)
+    f, seconds = somp_price(s, s.n_heads, candidates, s.d_head, r["atoms"], shared=False)
+    flops += s.n_layers * (f + output_variance_flops(s, s.n_heads, s.d_head))
+    shortlist = 2.0 * s.vocab * s.d_model * heads * r["shortlist_rank"] \
+        + TOPK_ELEMENT * heads * (s.vocab + math.ceil(s.vocab / READOUT_CHUNK) * candidates)
+    return flops, s.n_layers * seconds, shortlist
+
+
 def pursuit_work(s: Shape, c: dict[str, Any], room: float, elem: int) -> Work:
     concepts = c.get("concepts") or []
     n_concepts = len(concepts) or BUILTIN_CONCEPTS
-    heads = s.n_layers * s.n_heads
-    samples = n_concepts * c["samples_per_concept"]
+    # the first samples_per_concept training prompts of every concept
+    samples = sum(min(len(concept["prompts"]), c["samples_per_concept"]) for concept in concepts) \
+        if concepts else n_concepts * c["samples_per_concept"]
     t = PROMPT_TOKENS["pursuit_sample"]
-    w = Work(forwards=math.ceil(samples / c["batch"]), forward_tokens=samples * t,
-             attention_pairs=samples * t * t / 2, logit_rows=samples)
-    # SOMP on the host: each (head, dictionary) projects |ids| atoms through W_O^h, `steps` rounds of scoring
-    dictionaries = n_concepts * (1 + c["control"]["dictionaries"])
-    somp = 2.0 * dictionaries * heads * CONCEPT_IDS * s.d_model * s.d_head * 2
-    somp += 2.0 * dictionaries * heads * c["steps"] * CONCEPT_IDS * s.d_head * samples
-    # the readout shortlist scores every vocabulary row against every head's top directions, on the host
-    r = c["readout"]
-    readout = 2.0 * s.vocab * s.d_model * heads * r["shortlist_rank"] + 2.0 * heads * r["candidates"] * s.d_model \
-        * s.d_head
-    w.host_flops = somp + readout
-    w.activation_bytes = c["batch"] * forward_bytes(s, t, elem)
+    batch = _fit(c["batch"], forward_bytes(s, t, elem), room)  # pursuit.pooling_batch
+    w = Work(forwards=math.ceil(samples / batch), forward_tokens=samples * t,
+             attention_pairs=samples * t * t / 2, logit_rows=samples, batch=batch)
+    ranking, ranking_s = ranking_price(s, c, samples)
+    readout, readout_s, w.device_flops = readout_price(s, c)
+    w.host_flops, w.host_seconds = ranking + readout, ranking_s + readout_s
+    w.activation_bytes = batch * forward_bytes(s, t, elem)
     v = c["verify"]
     if v.get("grid", "off") != "off":
         ks = len(v["k_fractions"])
@@ -222,7 +296,8 @@ def pursuit_work(s: Shape, c: dict[str, Any], room: float, elem: int) -> Work:
             verify = verify.add(Work(forwards=n_concepts * loss_settings, forward_tokens=tokens * resumed,
                                      attention_pairs=tokens * v["window"] / 2, logit_rows=tokens))
         w = w.add(verify)
-    w.notes.append(f"SOMP and readout on the host CPU: {w.host_flops / 1e12:.2f} TFLOP")
+    w.notes.append(f"SOMP on the host CPU: {w.host_flops / 1e12:.2f} TFLOP-equivalents (float64, memory-bound "
+                   f"steps) + {w.host_seconds:.1f} s of Python; readout shortlist on the device")
     return w
 
 
@@ -273,8 +348,38 @@ def retrieval_work(s: Shape, c: dict[str, Any], room: float, elem: int) -> Work:
     return w
 
 
+def circuits_work(s: Shape, c: dict[str, Any], room: float, elem: int) -> Work:
+    """Weight-only (workers/families/circuits.py): no forward. W_U^T W_E over the vocabulary; per layer the
+    OV copying matrices and their eigenvalues, four d_head x d_head Gram roots per head; with composition,
+    every later layer's three reader factors against every earlier layer's writers ((H d_head) x d_model x
+    (H d_head) per pair and kind: the L^2 term). Eigen-decompositions run in float64 on one host thread."""
+    h, kv, d, dh, layers = s.n_heads, s.n_kv_heads, s.d_model, s.d_head, s.n_layers
+    device = 2.0 * s.vocab * d * d  # W_U^T W_E
+    per_layer = 2.0 * kv * d * d * dh + 2.0 * h * dh * d * dh  # copying: (W_U^T W_E) W_V, then W_O (..)
+    per_layer += 2.0 * h * dh * dh * d * (4 + 1 + 3)  # four Gram matrices, the writer, three readers
+    device += layers * per_layer
+    eig = FLOAT64 * layers * h * dh ** 3 * (25.0 + 4 * 10.0)  # eigvals of the copying matrix, four eigh
+    pairs = layers * (layers - 1) / 2 if c["composition"] else 0
+    device += pairs * 3 * 2.0 * (h * dh) ** 2 * d
+    w = Work(device_flops=device, host_flops=eig,
+             activation_bytes=4.0 * (d * d + layers * h * dh * d + 3 * h * d * dh + (layers * h) ** 2))
+    w.notes.append(f"weights only; composition over {pairs:.0f} layer pairs" if pairs else "weights only")
+    return w
+
+
+def examples_work(s: Shape, c: dict[str, Any], room: float, elem: int) -> Work:
+    """Corpus windows through eager attention, each layer's weights reduced to per-head top-k candidates
+    inside the layer (workers/families/examples.py, as patterns does), one logit row per window."""
+    t, n = c["window"], c["windows"]
+    per_seq = forward_bytes(s, t, elem) + eager_attention_bytes(s, t, elem)
+    step = _fit(c["batch"], per_seq, room)
+    scores = 2.0 * n * s.n_layers * s.n_heads * (t * t + 2 * t * s.d_head ** 2)  # max attention, write norms
+    return Work(forwards=math.ceil(n / step), forward_tokens=n * t, attention_pairs=n * t * t, logit_rows=n,
+                device_flops=scores, activation_bytes=step * per_seq, batch=step)
+
+
 WORK = {"patterns": patterns_work, "lens": lens_work, "ablation": ablation_work, "pursuit": pursuit_work,
-        "retrieval": retrieval_work}
+        "retrieval": retrieval_work, "circuits": circuits_work, "examples": examples_work}
 
 
 # -- pricing ------------------------------------------------------------------------------------------------
@@ -304,7 +409,7 @@ def estimate(s: Shape, family: str, config: dict[str, Any], profile: Profile, de
     compute = flops / profile.flops
     streaming = work.decode_steps * weights / profile.bandwidth
     overhead = work.forwards * (s.n_layers * profile.overhead_s + profile.call_s)
-    seconds = compute + streaming + overhead + work.host_flops / profile.host_flops
+    seconds = compute + streaming + overhead + work.host_flops / profile.host_flops + work.host_seconds
     return Estimate(family, work, flops, seconds, weights + work.activation_bytes, weights)
 
 

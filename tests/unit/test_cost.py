@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from atlas.errors import BadInput
 from workers import cost
 from workers.batching import Shape, model_shape
-from workers.families import get_family
+from workers.families import FAMILIES, get_family
 
 runner = CliRunner()
 
@@ -64,6 +64,52 @@ def test_patterns_and_lens_counts_match_the_forwards_they_run(tiny_lm, monkeypat
         assert work.batch == max(b for b, _ in seen)
 
 
+@pytest.mark.parametrize("memory", ["1", str(2**40)])
+def test_pursuit_and_ablation_minibatches_match_the_families(tiny_lm, monkeypatch, memory, tmp_path) -> None:
+    """Pursuit's pooling forwards and ablation's heads per stacked forward are what the cost model counts at
+    the same free memory (1 byte: one at a time; a lot: everything the option or the layer allows)."""
+    from tests.unit.test_pursuit import TINY_CONCEPTS
+    from workers.families.ablation import AblationFamily
+    from workers.families.ablation.exact import heads_per_forward
+
+    monkeypatch.setenv("HEAD_ATLAS_MEMORY_BYTES", memory)
+    shape, room = model_shape(tiny_lm.model), int(memory) * 0.5
+    concepts = tmp_path / "tiny.toml"
+    concepts.write_text(TINY_CONCEPTS)
+    config = _config("pursuit", concepts=str(concepts), verify="off", steps=3, readout_candidates=16, batch=3)
+    seen = _forwards(tiny_lm, monkeypatch)
+    get_family("pursuit").run(tiny_lm, config)
+    work = cost.WORK["pursuit"](shape, config, room, 4)
+    assert work.forwards == len(seen) and work.batch == max(b for b, _ in seen)
+    monkeypatch.undo()
+    monkeypatch.setenv("HEAD_ATLAS_MEMORY_BYTES", memory)
+    family = AblationFamily()
+    config = _config("ablation", ablation_windows=2, ablation_window=16, ablation_ioi_prompts=2, concept_prompts=1)
+    probes, _ = family.probes(tiny_lm, config)
+    work = cost.WORK["ablation"](shape, config, room, 4)
+    assert work.batch == heads_per_forward(tiny_lm, probes[0])  # the corpus windows' probe
+
+
+def test_pursuit_host_price_counts_dictionaries_steps_and_the_criterion() -> None:
+    """The host SOMP price grows with what the ranking loops over: control dictionaries, steps, sample rows."""
+    s = Shape.from_config(LLAMA_8B)
+    base = _config("pursuit", verify="off")
+    ranking, ranking_s = cost.ranking_price(s, base, 60)
+    more = cost.ranking_price(s, _config("pursuit", verify="off", control_dictionaries=6), 60)[0]
+    assert more > 2 * ranking  # 7 dictionaries per concept instead of 3 (the denominator is shared)
+    fewer, fewer_s = cost.ranking_price(s, _config("pursuit", verify="off", steps=2), 60)
+    assert fewer < ranking and fewer_s < ranking_s
+    assert cost.ranking_price(s, base, 600)[0] > ranking  # criterion l1 correlates with every sample
+    l2 = _config("pursuit", verify="off", criterion="l2")
+    assert cost.ranking_price(s, l2, 600)[0] == cost.ranking_price(s, l2, 60)[0]  # l2 reads d_head factor rows
+    # per-head dictionaries (the readout's shortlists) compute one Gram row per step
+    shared, _ = cost.somp_price(s, 32, 512, 128, 10, shared=True)
+    per_head, _ = cost.somp_price(s, 32, 512, 128, 10, shared=False)
+    assert per_head > shared
+    unit = cost.estimate(s, "pursuit", base, cost.PROFILES["h200"])
+    assert unit.work.host_flops == pytest.approx(ranking + cost.readout_price(s, base)[0])
+
+
 def test_retrieval_grid_and_tests_match_the_family(tiny_lm) -> None:
     family = get_family("retrieval")
     for options in ({"max_context": 256}, {"max_context": 4096, "retrieval_min_length": 256},
@@ -104,15 +150,15 @@ def test_a_70b_model_needs_two_h200s_and_says_so() -> None:
 
 def test_every_family_has_a_price_and_more_work_costs_more() -> None:
     s = Shape.from_config(LLAMA_8B)
-    for family in ("patterns", "lens", "ablation", "pursuit", "retrieval"):
+    for family in FAMILIES:  # `atlas plan --families all` prices every registered family
         base = cost.estimate(s, family, _config(family), cost.PROFILES["h100"])
         assert base.seconds > 0 and base.flops > 0
     small = cost.estimate(s, "ablation", _config("ablation"), cost.PROFILES["h100"])
     big = cost.estimate(s, "ablation", _config("ablation", ablation_windows=8), cost.PROFILES["h100"])
     assert big.work.forward_tokens > small.work.forward_tokens and big.seconds > small.seconds
-    # the pursuit readout runs on the host CPU: vocabulary x d_model x heads x rank
+    # the readout shortlist (vocabulary x d_model x heads x rank) runs on the device, SOMP on the host
     pursuit = cost.estimate(s, "pursuit", _config("pursuit"), cost.PROFILES["h100"])
-    assert pursuit.work.host_flops > 2 * 128256 * 4096 * 1024 * 4
+    assert pursuit.work.device_flops > 2 * 128256 * 4096 * 1024 * 4 and pursuit.work.host_flops > 0
     with pytest.raises(BadInput, match="no formula"):
         cost.estimate(s, "nonsense", {}, cost.PROFILES["h100"])
 

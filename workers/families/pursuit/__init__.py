@@ -359,6 +359,30 @@ def logit_lens_scores(lm: LoadedModel, ids: list[int], gain: torch.Tensor, mean_
     return (out @ rows.T).mean(1)
 
 
+def shortlist(unembed: torch.Tensor, gain: torch.Tensor, m_all: torch.Tensor, rank: int, n_cand: int,
+              chunk: int = 16384) -> torch.Tensor:
+    """Each head's `n_cand` best vocabulary ids by their first-step l2 score on its top covariance directions:
+    (heads, n_cand) on the CPU. Runs where the unembedding lives (a GPU where the model is on one): it is
+    vocab x d_model x heads x rank multiply-adds: 4.3 TFLOP for an 8B model.
+
+    unembed: (vocab, d_model); gain: (d_model,) the final norm's; m_all: (d_model, heads * rank), W_O^h
+    applied to each head's directions."""
+    device = unembed.device
+    m_all, gain = m_all.to(device), gain.to(device)
+    total_heads = m_all.shape[1] // rank
+    vocab = unembed.shape[0]
+    best_score = torch.full((total_heads, 0), -1.0, device=device)
+    best_idx = torch.zeros((total_heads, 0), dtype=torch.long, device=device)
+    for start in range(0, vocab, chunk):
+        rows = unembed[start:start + chunk].float() * gain
+        rows = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        score = (rows @ m_all).view(-1, total_heads, rank).square().sum(-1).T  # (heads, chunk)
+        idx = torch.arange(start, start + rows.shape[0], device=device).expand(total_heads, -1)
+        best_score, pos = torch.cat([best_score, score], 1).topk(min(n_cand, best_score.shape[1] + score.shape[1]), 1)
+        best_idx = torch.cat([best_idx, idx], 1).gather(1, pos)
+    return best_idx.cpu()
+
+
 def readout(lm: LoadedModel, acc: CovarianceAccumulator, w_o: torch.Tensor, gain: torch.Tensor,
             cfg: dict[str, Any], n_heads: int, chunk: int = 16384) -> tuple[list[dict[str, Any]], torch.Tensor]:
     """Each head's top atoms over the full vocabulary (the Head Pursuit readout), l2 criterion.
@@ -366,30 +390,15 @@ def readout(lm: LoadedModel, acc: CovarianceAccumulator, w_o: torch.Tensor, gain
     Exact over the full vocabulary would cost vocab x d_model x d_head per head, so a shortlist of
     `candidates` atoms is picked by their first-step score on the head's top `rank` covariance
     directions (the variance fraction those keep is returned and stored), and SOMP then runs,
-    exactly and with the full covariance, on the shortlist. The shortlist (vocab x d_model x heads x r
-    multiply-adds: 9 TFLOP for an 8B model) runs on the unembedding's device, a GPU where the model is on
-    one; SOMP on the shortlist stays on the host, in float64.
+    exactly and with the full covariance, on the shortlist. The shortlist runs on the unembedding's device
+    (`shortlist`); SOMP on it stays on the host, in float64.
     """
     x_short, kept = acc.factor(cfg["shortlist_rank"])  # (heads, r, d_head): the shortlist's few directions
     x = acc.factor()[0].float()  # full rank: SOMP on the shortlist is exact l2 within it
     total_heads, r, _ = x_short.shape
     unembed = _unembed(lm)
-    device = unembed.device  # the shortlist (vocab x d_model x heads x r) runs where the unembedding lives
     m_all = torch.einsum("hkd,hrk->dhr", w_o, x_short.float()).reshape(w_o.shape[2], -1)  # (d_model, heads * r)
-    m_all = m_all.to(device)
-    gain_here = gain.to(device)
-    vocab = unembed.shape[0]
-    n_cand = min(cfg["candidates"], vocab)
-    best_score = torch.full((total_heads, 0), -1.0, device=device)
-    best_idx = torch.zeros((total_heads, 0), dtype=torch.long, device=device)
-    for start in range(0, vocab, chunk):
-        rows = unembed[start:start + chunk].float() * gain_here
-        rows = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        score = (rows @ m_all).view(-1, total_heads, r).square().sum(-1).T  # (heads, chunk)
-        idx = torch.arange(start, start + rows.shape[0], device=device).expand(total_heads, -1)
-        best_score, pos = torch.cat([best_score, score], 1).topk(min(n_cand, best_score.shape[1] + score.shape[1]), 1)
-        best_idx = torch.cat([best_idx, idx], 1).gather(1, pos)
-    best_idx = best_idx.cpu()
+    best_idx = shortlist(unembed, gain, m_all, r, min(cfg["candidates"], unembed.shape[0]), chunk)
     out: list[dict[str, Any]] = []
     for start in range(0, total_heads, n_heads):  # one layer at a time keeps the candidate rows small
         heads = slice(start, start + n_heads)
