@@ -18,7 +18,8 @@ _COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidde
 TINY_CONFIGS: dict[str, tuple[type, dict[str, Any]]] = {
     "LlamaForCausalLM": (tf.LlamaConfig, _COMMON),
     "MistralForCausalLM": (tf.MistralConfig, {**_COMMON, "sliding_window": None}),
-    "Qwen2ForCausalLM": (tf.Qwen2Config, _COMMON),
+    # Qwen2Tokenizer is byte-level BPE: its vocabulary holds the 256 byte symbols (see byte_level_tokenizer)
+    "Qwen2ForCausalLM": (tf.Qwen2Config, {**_COMMON, "vocab_size": 384}),
     "Qwen3ForCausalLM": (tf.Qwen3Config, {**_COMMON, "head_dim": 8}),
     "Gemma2ForCausalLM": (tf.Gemma2Config, {**_COMMON, "head_dim": 8, "sliding_window": 16}),
     "Gemma3ForCausalLM": (tf.Gemma3TextConfig, {**_COMMON, "head_dim": 16, "sliding_window": 16,
@@ -41,6 +42,31 @@ def tiny_tokenizer() -> tf.PreTrainedTokenizerFast:
                                       pad_token="<pad>")
 
 
+# Architectures whose tokenizer class transformers 5 picks from the config and rebuilds from the vocabulary
+# and merges (Qwen2Tokenizer: byte-level BPE); a word-level tokenizer.json loads as it and encodes to no ids.
+BYTE_LEVEL = ("Qwen2ForCausalLM",)
+# Qwen2's pre-tokenizer splits every digit off ("w12" -> "w", "1", "2"), so no w-word is one token there:
+# words made of letters that the byte-level tokenizer learns as single tokens (" alpha" -> "Ġalpha").
+LETTER_WORDS = ("alpha", "beta", "gamma", "delta", "kappa", "sigma", "omega", "theta", "lambda", "zeta")
+
+
+def byte_level_tokenizer() -> tf.PreTrainedTokenizerFast:
+    """Byte-level BPE trained here (deterministic, no download) on the tiny vocabulary's words, so that
+    " w12" is one token as in the word-level tokenizer; 384 ids at most (the tiny Qwen2 config's vocab)."""
+    from tokenizers import decoders, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    words = [f"w{i}" for i in range(VOCAB - len(SPECIALS))]
+    trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    text = [" ".join(words)] * 4 + [" " + " ".join(words[::-1])] * 4 + [" " + " ".join(LETTER_WORDS)] * 20
+    tok.train_from_iterator(text, trainer)
+    return tf.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
+                                      pad_token="<pad>")
+
+
 def tiny_model(architecture: str, seed: int = 0) -> torch.nn.Module:
     config_cls, kwargs = TINY_CONFIGS[architecture]
     torch.manual_seed(seed)
@@ -59,7 +85,7 @@ def save_tiny(directory: Path, architecture: str = "LlamaForCausalLM", seed: int
     """A local model directory (safetensors + tokenizer) like one downloaded from the hub."""
     directory.mkdir(parents=True, exist_ok=True)
     tiny_model(architecture, seed).save_pretrained(directory)
-    tiny_tokenizer().save_pretrained(directory)
+    (byte_level_tokenizer() if architecture in BYTE_LEVEL else tiny_tokenizer()).save_pretrained(directory)
     return directory
 
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from tests.tiny import TINY_CONFIGS, save_tiny
+from tests.tiny import BYTE_LEVEL, TINY_CONFIGS, save_tiny
 from workers.families import FAMILIES
 
 SMALL = {
@@ -30,11 +30,22 @@ heldout = ["w40 w41", "w42 w43 w44"]
 """
 
 
+# For byte-level tokenizers (tests/tiny.py BYTE_LEVEL), whose pre-tokenizer splits digits off every w-word
+LETTER_CONCEPTS = """
+[greek]
+words = ["alpha", "beta", "gamma", "delta", "kappa", "sigma"]
+prompts = ["w3 w4 alpha", "w5 beta w6", "w7 w8 w9 gamma"]
+heldout = ["w40 omega", "w42 theta w44"]
+"""
+
+
 @pytest.fixture(scope="module")
 def concepts(tmp_path_factory):
-    path = tmp_path_factory.mktemp("concepts") / "tiny.toml"
-    path.write_text(TINY_CONCEPTS)
-    return str(path)
+    """{architecture-independent file, byte-level file}: concept files whose words are single tokens."""
+    root = tmp_path_factory.mktemp("concepts")
+    (root / "tiny.toml").write_text(TINY_CONCEPTS)
+    (root / "letters.toml").write_text(LETTER_CONCEPTS)
+    return {"word-level": str(root / "tiny.toml"), "byte-level": str(root / "letters.toml")}
 
 
 @pytest.fixture(scope="module")
@@ -44,18 +55,11 @@ def corpus(tmp_path_factory):
     return str(path)
 
 
-QWEN2_TOKENIZER = pytest.mark.xfail(
-    strict=True, reason="fixture: transformers 5 loads the tiny Qwen2 directory's word-level tokenizer.json as "
-    "Qwen2Tokenizer, which encodes 'w0 w7' to no ids, so corpus-based families see an empty corpus (issue 16)")
-
-
 def _cases() -> list:
     cases = []
     for family in sorted(FAMILIES):
         for architecture in sorted(TINY_CONFIGS):
-            reads_text = family not in ("patterns", "circuits")  # random-token probes / weights only
-            marks = [QWEN2_TOKENIZER] if architecture == "Qwen2ForCausalLM" and reads_text else []
-            cases.append(pytest.param(family, architecture, marks=marks, id=f"{family}-{architecture}"))
+            cases.append(pytest.param(family, architecture, id=f"{family}-{architecture}"))
     return cases
 
 
@@ -67,7 +71,8 @@ def test_every_family_runs_on_every_architecture(family, architecture, corpus, c
 
     lm = load(resolve(str(save_tiny(tmp_path / architecture, architecture))), "cpu")
     options = {**SMALL[family], **({"corpus": corpus} if family != "patterns" else {}),
-               **({"concepts": concepts} if family in ("ablation", "pursuit") else {})}
+               **({"concepts": concepts["byte-level" if architecture in BYTE_LEVEL else "word-level"]}
+                  if family in ("ablation", "pursuit") else {})}
     f = FAMILIES[family]
     config = f.config(validate([f], options))
     result = f.run(lm, {**config, "dtype": "float32"})
