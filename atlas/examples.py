@@ -72,11 +72,12 @@ def headvis_sequences(examples: dict[str, list[dict[str, Any]]]) -> list[dict[st
 
 def context_text(example: dict[str, Any], width: int = 8) -> str:
     """An example as one line for a terminal: the last `width` tokens up to the query, the query in
-    [brackets], the key it attends to most in <angle brackets> (when that is not the query itself)."""
+    {braces}, the key it attends to most in <angle brackets> (when that is not the query itself).
+    No square brackets: rich, which prints tables in a terminal, reads them as markup."""
     tokens, q, row = example["tokens"], example["query_pos"], example["attention"]
     peak = max(range(q + 1), key=lambda k: row[k])
     shown = []
     for k in range(max(0, q - width + 1), q + 1):
         text = tokens[k].replace("\n", "\\n")
-        shown.append(f"[{text}]" if k == q else f"<{text}>" if k == peak else text)
+        shown.append(f"{{{text}}}" if k == q else f"<{text}>" if k == peak else text)
     return "".join(shown)

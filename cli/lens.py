@@ -53,7 +53,7 @@ def show(
     if card["concepts"].num_rows:
         _section(card["concepts"], fmt, f"{name}: concepts")
     if examples:
-        _section(_example_table(examples), fmt, f"{name}: example contexts ([query], <most-attended key>)")
+        _section(_example_table(examples), fmt, f"{name}: example contexts ({{query}}, <most-attended key>)")
     if not (card["metrics"].num_rows or card["tokens"] or card["concepts"].num_rows or examples):
         stderr.print("nothing stored for this head yet; run `atlas build`")
 

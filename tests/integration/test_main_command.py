@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).parents[2]
-FAMILIES = {"patterns", "lens", "ablation", "pursuit", "retrieval", "circuits"}
+FAMILIES = {"patterns", "lens", "ablation", "pursuit", "retrieval", "circuits", "examples"}
 
 
 def _main_command(db: Path) -> subprocess.CompletedProcess[str]:
@@ -53,7 +53,7 @@ def test_make_atlas_builds_every_family_at_its_defaults(tmp_path: Path) -> None:
         print({r["family"]: round(r["seconds"], 1) for r in runs})
         numbers = {
             "head_metrics": ["value", "stderr"], "head_tokens": ["score"], "concept_scores": ["score"],
-            "edits": ["before", "after"], "run_metrics": ["value"],
+            "edits": ["before", "after"], "run_metrics": ["value"], "head_examples": ["score"],
         }
         for table, columns in numbers.items():
             for column in columns:
@@ -61,8 +61,10 @@ def test_make_atlas_builds_every_family_at_its_defaults(tmp_path: Path) -> None:
                 assert bad.to_pylist()[0]["n"] == 0, f"non-finite {table}.{column}"
         per_family = {r["family"]: r["n"] for r in atlas.query(
             "SELECT r.family, count(*) AS n FROM head_metrics m JOIN runs r USING (run_id) GROUP BY 1").to_pylist()}
-        assert set(per_family) >= FAMILIES, per_family  # every family stored per-head numbers
+        assert set(per_family) >= FAMILIES - {"examples"}, per_family  # every family stored per-head numbers
         n_heads = 30 * 9
+        examples = atlas.query("SELECT count(DISTINCT (layer, head)) AS heads, count(*) AS n FROM head_examples")
+        assert examples.to_pylist() == [{"heads": n_heads, "n": n_heads * 2 * 5}]  # 2 criteria x top 5
         concept_rows = atlas.query("SELECT count(*) AS n FROM head_metrics WHERE metric LIKE 'ablation.concept.%' "
                                    "AND n = 2").to_pylist()[0]["n"]
         assert concept_rows >= n_heads * 10, "concept effects are over each concept's own 2 prompts"

@@ -174,7 +174,7 @@ def test_head_examples_come_from_the_latest_run(examples_db: Path) -> None:
         assert [e["score"] for e in examples] == sorted((e["score"] for e in examples), reverse=True)
         assert all(isinstance(e["tokens"], list) and isinstance(e["attention"], list) for e in examples)
         line = context_text(examples[0])
-        assert f"[{examples[0]['tokens'][examples[0]['query_pos']]}]" in line, criterion
+        assert "{" + examples[0]["tokens"][examples[0]["query_pos"]] + "}" in line, criterion
 
 
 def _downgrade_to_v2(db: Path) -> None:

@@ -56,7 +56,7 @@ from workers.options import CORPUS, TEXT_FIELD, Option, resolve
 from workers.probes import bos_id
 
 CRITERIA = ("max_attention", "max_write")
-DEFAULTS = {"window": 64, "windows": 24, "batch": 8, "top_k": 5, "context": 24, "after": 3, "min_position": 4}
+DEFAULTS = {"window": 64, "windows": 16, "batch": 8, "top_k": 5, "context": 24, "after": 3, "min_position": 4}
 DECIMALS = 3
 
 
@@ -115,8 +115,10 @@ def write_norms(adapter: BoundAdapter, layer: int, z: torch.Tensor, gram: torch.
 
     z (B, T, H, dh), gram (H, dh, dh) -> (B, H, T - min_position)."""
     zs = adapter.write_input(layer, z).float()[:, min_position:]  # (B, P, H, dh)
-    squared = (torch.einsum("bphd,hde->bphe", zs, gram.to(zs.device)) * zs).sum(-1)  # (B, P, H)
-    return squared.clamp_min(0).sqrt().transpose(1, 2)
+    b, p, h, dh = zs.shape
+    per_head = zs.permute(2, 0, 1, 3).reshape(h, b * p, dh)  # (H, B*P, dh)
+    squared = (torch.bmm(per_head, gram.to(zs.device)) * per_head).sum(-1)  # (H, B*P)
+    return squared.clamp_min(0).sqrt().view(h, b, p).transpose(0, 1)
 
 
 class ExampleStats:
