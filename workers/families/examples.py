@@ -82,7 +82,7 @@ class TopK:
         """Add a batch's candidates: scores, positions (H, B), windows (B,), rows (H, B, C), all on the CPU.
 
         The kept entries come first and the batch's in window order, and the sort is stable, so equal
-        scores keep the earliest window: the answer does not depend on how the corpus was batched."""
+        scores keep the earliest window, however the corpus was batched."""
         k = self.scores.shape[1]
         all_scores = torch.cat([self.scores, scores], dim=1)
         order = torch.sort(all_scores, dim=1, descending=True, stable=True).indices[:, :k]  # (H, k)
