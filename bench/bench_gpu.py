@@ -73,7 +73,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
 EIGHT_B = ["llama-3.1-8b", "qwen2.5-7b", "gemma-2-9b", "mistral-7b"]
 PAPER_GRADE = {"patterns": {"probe_batch": 16384, "probe_n": 255},  # HeadVis: 16,384 x 512 tokens
                "retrieval": {"retrieval_lengths": 20, "retrieval_depths": 10, "retrieval_min_length": 1000}}
-FAMILIES = ("patterns", "lens", "ablation", "pursuit", "retrieval")
+FAMILIES = ("patterns", "lens", "ablation", "pursuit", "retrieval", "circuits", "examples")
 
 
 def bench_tokenizer(vocab: int = 8000) -> Any:
@@ -177,7 +177,7 @@ def family_length(family: str, config: dict[str, Any]) -> int:
     """The sequence length a family's forwards mostly run at (for the plain-forward baseline)."""
     return {"patterns": 1 + 2 * config.get("n", 50), "lens": config.get("window", 128),
             "ablation": config.get("window", 64), "pursuit": 16,
-            "retrieval": config.get("max_context", 1024)}.get(family, 128)
+            "retrieval": config.get("max_context", 1024), "examples": config.get("window", 64)}.get(family, 128)
 
 
 def run_families(lm: Any, families: list[str], options: dict[str, Any], dtype: str) -> list[dict[str, Any]]:
@@ -254,8 +254,9 @@ def bench_config(name: str, args: argparse.Namespace, families: list[str], optio
     for r in run_families(lm, families, options, dtype_name):
         family, config = r["family"], r["config"]
         length = family_length(family, config)
-        plain = plain_tokens_per_second(lm, min(length, 2048), 4 if device == "cpu" else 8)
         tps = r["tokens"] / r["seconds"] if r["seconds"] else 0.0
+        # circuits reads weights only: no tokens, so no forward to compare with
+        plain = plain_tokens_per_second(lm, min(length, 2048), 4 if device == "cpu" else 8) if tps else 0.0
         full_default = extrapolate(r["seconds"], bench_shape, full_shape, family, config,
                                    {**configs_default[family], "dtype": dtype_name}, profile, devices)
         full_paper = extrapolate(r["seconds"], bench_shape, full_shape, family, config,

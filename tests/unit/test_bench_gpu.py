@@ -12,7 +12,7 @@ BENCH = Path(__file__).resolve().parents[2] / "bench" / "bench_gpu.py"
 SMALL = ["probe_n=8", "probe_batch=4", "lens_windows=2", "lens_window=32", "ablation_windows=1",
          "ablation_window=16", "ablation_ioi_prompts=2", "ablation_induction_batch=2", "verify=off", "steps=3",
          "max_context=256", "retrieval_depths=2", "retrieval_max_new_tokens=3", "retrieval_mask_tests=1",
-         "concept_prompts=1", "samples_per_concept=2"]
+         "concept_prompts=1", "samples_per_concept=2", "examples_windows=2", "examples_window=32"]
 
 
 def _bench():
@@ -53,8 +53,12 @@ def test_patterns_lens_and_retrieval_run_on_a_small_random_config_on_cpu(tmp_pat
 @pytest.mark.slow
 def test_every_family_runs_on_a_small_random_config_on_cpu(tmp_path) -> None:
     rows, _ = _run(tmp_path, "all")
-    assert [r["family"] for r in rows] == ["patterns", "lens", "ablation", "pursuit", "retrieval"]
+    assert [r["family"] for r in rows] == ["patterns", "lens", "ablation", "pursuit", "retrieval", "circuits",
+                                           "examples"]
     assert all(r["ok"] for r in rows), [r["error"] for r in rows]
+    by_family = {r["family"]: r for r in rows}
+    assert by_family["circuits"]["tokens"] == 0 and by_family["circuits"]["vs_plain_forward"] is None
+    assert by_family["examples"]["vs_plain_forward"] > 0
 
 
 def test_the_real_configs_have_the_published_sizes() -> None:
