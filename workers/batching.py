@@ -177,3 +177,20 @@ def decode_rows(model: Any, device: Any, dtype: Any, length: int, wanted: int) -
     """Prompts of `length` tokens decoded side by side: one KV cache row each, plus one prefill's activations."""
     shape, elem = model_shape(model), dtype_bytes(dtype)
     return fit(wanted, kv_cache_bytes(shape, length, elem), fixed=forward_bytes(shape, length, elem), device=device)
+
+
+def editing_settings(model: Any, device: Any, dtype: Any, prompts: int, length: int, new_tokens: int,
+                     wanted: int) -> int:
+    """Settings per prefill and decode batch of the pursuit editing check, each setting `prompts` rows: a
+    row's KV cache over its prompt and continuation, the float32 logits after the prompt twice (kept, and
+    the decode's), and its share of the prefill's activations."""
+    shape, elem = model_shape(model), dtype_bytes(dtype)
+    per_row = kv_cache_bytes(shape, length + new_tokens, elem) + forward_bytes(shape, length, elem, logits_rows=2)
+    return fit(wanted, prompts * per_row, device=device)
+
+
+def loss_settings(model: Any, device: Any, dtype: Any, windows: int, length: int, wanted: int) -> int:
+    """Settings per forward of the editing check's corpus loss, each setting `windows` rows of `length`
+    tokens: the forward and its logits at every position, in float32 and once more for the cross-entropy."""
+    shape, elem = model_shape(model), dtype_bytes(dtype)
+    return fit(wanted, windows * forward_bytes(shape, length, elem, logits_rows=2 * length), device=device)

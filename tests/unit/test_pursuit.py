@@ -129,6 +129,36 @@ def test_measure_baseline_is_the_same_in_any_batch(tiny_lm, concept_file: str) -
     assert alone["concept_words"][0] == mixed["concept_words"][1]
 
 
+def test_editing_check_batches_settings_by_the_free_memory(tiny_lm, concept_file: str, monkeypatch) -> None:
+    """One setting per prefill, decode and loss forward (1 byte free) and every setting in one give the same
+    mass, words and corpus loss; the chunk sizes follow the memory free."""
+    from workers.batching import editing_settings, loss_settings
+    from workers.concepts import concept_token_ids, load_concepts
+
+    concept = load_concepts(concept_file)[0]
+    ids = concept_token_ids(concept, tiny_lm.tokenizer)
+    settings = [[(0, 0)], [], [(1, 1), (2, 3)], [(2, 2)]]
+    windows = torch.tensor([[1, 5, 9, 13, 17, 21], [1, 7, 3, 11, 2, 8]])
+    runs = []
+    for memory in ("1", str(2**40)):
+        monkeypatch.setenv("HEAD_ATLAS_MEMORY_BYTES", memory)
+        runs.append(measure(tiny_lm, concept, ids, settings, -1.0, windows, 3))
+    one, all_ = runs
+    assert one["concept_mass"] == pytest.approx(all_["concept_mass"], rel=1e-4)
+    assert one["concept_words"] == all_["concept_words"]
+    assert one["corpus_loss"] == pytest.approx(all_["corpus_loss"], rel=1e-4)
+    model = tiny_lm.model
+    monkeypatch.setenv("HEAD_ATLAS_MEMORY_BYTES", "1")
+    assert editing_settings(model, "cpu", "float32", 8, 12, 4, 37) == 1
+    assert loss_settings(model, "cpu", "float32", 1, 64, 37) == 1
+    monkeypatch.setenv("HEAD_ATLAS_MEMORY_BYTES", str(2**40))
+    assert editing_settings(model, "cpu", "float32", 8, 12, 4, 37) == 37
+    assert loss_settings(model, "cpu", "float32", 1, 64, 37) == 37
+    monkeypatch.setenv("HEAD_ATLAS_MEMORY_BYTES", str(2**24))  # 8 MiB of room: bf16 fits at least as many
+    assert editing_settings(model, "cpu", "bfloat16", 8, 12, 4, 10**6) >= editing_settings(
+        model, "cpu", "float32", 8, 12, 4, 10**6) > 1
+
+
 @pytest.mark.parametrize("architecture", ["LlamaForCausalLM", "Gemma3ForCausalLM"])
 def test_final_gain_reads_gamma_off_the_norm(architecture: str) -> None:
     from types import SimpleNamespace

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from workers.batching import editing_settings, loss_settings
 from workers.concepts import Concept, ConceptTokens, concept_mass, count_concept_words, load_concepts
 from workers.corpora import load_corpus, token_windows
 from workers.hooks import block_inputs, edit_z, resumed_at
@@ -35,7 +36,6 @@ from workers.probes import bos_id, encode_batch
 
 log = logging.getLogger(__name__)
 Heads = list[tuple[int, int]]
-LOGIT_BUDGET = 2**28  # bytes of float32 logits per forward chunk
 
 
 def k_values(n_total: int, fractions: Sequence[float]) -> list[int]:
@@ -175,7 +175,7 @@ def measure(lm: LoadedModel, concept: Concept, ids: list[int], settings: Sequenc
 
     Every setting x held-out prompt is a row of one batch with its own head scales; alpha is one
     value or one per setting."""
-    n_layers, n_heads, vocab = lm.adapter.n_layers, lm.adapter.n_heads, lm.adapter.unembed.weight.shape[0]
+    n_layers, n_heads = lm.adapter.n_layers, lm.adapter.n_heads
     prompts = list(concept.heldout)
     p = len(prompts)
     ids_t = torch.tensor(ids, dtype=torch.long)
@@ -184,7 +184,7 @@ def measure(lm: LoadedModel, concept: Concept, ids: list[int], settings: Sequenc
     clean = CleanPrompts(lm, ids_p.to(lm.device), mask_p.to(lm.device))
     first: list[torch.Tensor] = [torch.empty(0)] * len(settings)  # per setting: logits after each prompt (p, V)
     tokens: list[torch.Tensor] = [torch.empty(0)] * len(settings)  # per setting: continuations (p, new)
-    per_chunk = max(1, LOGIT_BUDGET // (p * vocab * 4 * 2))  # settings per decode batch
+    per_chunk = editing_settings(lm.model, lm.device, lm.dtype, p, ids_p.shape[1], max_new_tokens, len(settings))
     parts: list[tuple[list[int], Any, torch.Tensor]] = []  # (settings, their prompts' cache, logits after them)
     for start, members in _by_lowest_edited_layer(scales[::p]).items():
         if start == n_layers:  # edits nothing: the clean prompts' own cache and logits
@@ -273,10 +273,10 @@ def corpus_loss(lm: LoadedModel, windows: torch.Tensor | CleanWindows, settings:
     Settings are grouped by their lowest edited layer; each group's forward resumes there."""
     clean = windows if isinstance(windows, CleanWindows) else CleanWindows(lm, windows)
     n, width = clean.windows.shape
-    n_layers, n_heads, vocab = lm.adapter.n_layers, lm.adapter.n_heads, lm.adapter.unembed.weight.shape[0]
+    n_layers, n_heads = lm.adapter.n_layers, lm.adapter.n_heads
     scales = scale_tensor(settings, alpha, n_layers, n_heads, 1)  # (settings, layers, heads)
     out = [clean.loss] * len(settings)  # a setting that edits nothing (or scales by 1) is the clean run
-    per_setting = max(1, LOGIT_BUDGET // (n * width * vocab * 4))
+    per_setting = loss_settings(lm.model, lm.device, lm.dtype, n, width, len(settings))
     for start, members in _by_lowest_edited_layer(scales).items():
         if start == n_layers:
             continue
