@@ -5,10 +5,11 @@ model contributes its top-k heads by that property. For each pair of models, fou
 two top-k sets are more alike than k heads drawn at random from each model:
 
 - `depth`: mean |depth_a - depth_b| over the k x k pairs (depth = layer / (n_layers - 1)); lower = alike.
-- `profile`: mean rank-profile similarity (atlas.match) over the k x k pairs, computed *without* the
-  property and without every feature that is nearly the same ranking of heads (|rank correlation| above
-  ALIAS_CORRELATION with the property in either model, e.g. `patterns.induction_tl` for
-  `patterns.induction`), so the match is not the property agreeing with itself; higher = alike.
+- `profile`: mean rank-profile similarity (atlas.match: each family counts once) over the k x k pairs,
+  computed *without* the property and without every feature that is nearly the same ranking of heads
+  (|rank correlation| above ALIAS_CORRELATION with the property in either model, e.g.
+  `patterns.induction_tl` for `patterns.induction`), so the match is not the property agreeing with
+  itself; higher = alike.
 - `tokens`: mean Jaccard overlap of the heads' lens readouts (atlas.match), when both models have them.
 - `recovery`: the share of A's top-k heads whose best leave-one-out profile match in B is one of B's
   top-k (averaged over both directions): can the role be found in B without looking at its score?
@@ -27,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from atlas.match import _features, _token_sets, percentiles
+from atlas.match import _features, _token_sets, family_groups, percentiles
 from atlas.store import Atlas
 
 VIEWS = ("depth", "profile", "tokens", "recovery")
@@ -69,13 +70,18 @@ class _Pair:
             pb = np.stack([percentiles(b.values(n)) for n in self.names], axis=1)  # type: ignore[arg-type]
             self._pa, self._pb = pa.astype(np.float32), pb.astype(np.float32)  # half the bytes per pass
             # summed feature by feature: an (n_a, n_b, features) array is 4 GB for two 80 x 64 models
-            self.total = np.zeros((len(pa), len(pb)), dtype=np.float32)
-            self.count = np.zeros((len(pa), len(pb)), dtype=np.int64)
             self._complete = [not (np.isnan(pa[:, j]).any() or np.isnan(pb[:, j]).any())
                               for j in range(len(self.names))]
-            for j in range(len(self.names)):
-                self.total += self._filled(j)
-                self.count += self._present(j)
+            # per family (each counts once in the profile, atlas.match): summed |differences| and how many
+            self.groups = family_groups(self.names)
+            self.total: dict[str, np.ndarray] = {}
+            self.count: dict[str, np.ndarray | int] = {}
+            for family, columns in self.groups.items():
+                self.total[family] = np.zeros((len(pa), len(pb)), dtype=np.float32)
+                self.count[family] = 0
+                for j in columns:
+                    self.total[family] += self._filled(j)
+                    self.count[family] = self.count[family] + self._present(j)
             # |rank correlation| between features, the larger of the two models': aliases of a property
             self.alias = np.maximum(_abs_correlation(pa), _abs_correlation(pb))
         self.depth = np.abs(a.depth[:, None] - b.depth[None, :])
@@ -102,18 +108,29 @@ class _Pair:
         return [n for i, n in enumerate(self.names) if i == j or self.alias[j, i] > ALIAS_CORRELATION]
 
     def profile_without(self, prop: str) -> np.ndarray | None:
-        """Profile similarity over every shared feature except the property and its aliases."""
+        """Profile similarity over every shared feature except the property and its aliases: 1 - the mean
+        over families of the family's mean |percentile difference|."""
         if not self.has_profile:
             return None
-        total, count = self.total, self.count
-        for name in self.left_out(prop):
-            j = self.names.index(name)
-            total = total - self._filled(j)
-            count = count - self._present(j)
-        if not np.any(count):
+        dropped = {self.names.index(name) for name in self.left_out(prop)}
+        shape = next(iter(self.total.values())).shape
+        similarity = np.zeros(shape, dtype=np.float64)
+        families = np.zeros(shape, dtype=np.int64)
+        for family, columns in self.groups.items():
+            total, count = self.total[family], self.count[family]
+            for j in dropped.intersection(columns):
+                total = total - self._filled(j)
+                count = count - self._present(j)
+            present = np.broadcast_to(np.asarray(count) > 0, shape)
+            if not present.any():
+                continue
+            with np.errstate(invalid="ignore", divide="ignore"):
+                similarity += np.where(present, 1.0 - total / np.maximum(count, 1), 0.0)
+            families += present
+        if not families.any():
             return None
         with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(count > 0, 1.0 - total / np.maximum(count, 1), np.nan)
+            return np.where(families > 0, similarity / np.maximum(families, 1), np.nan)
 
 
 def _abs_correlation(columns: np.ndarray) -> np.ndarray:

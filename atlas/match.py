@@ -5,7 +5,10 @@ Two views of similarity, both in [0, 1], higher = more alike:
 - `profile`: the heads' vectors of role/metric scores (every metric both models have, plus
   concept scores for concepts both have). Scales differ across models (an induction score of 0.3
   is strong in one model and middling in another), so each feature is rank-normalized within its
-  model first: percentile = (average rank - 1) / (n_heads_total - 1). profile = 1 - mean |p_A - p_B|.
+  model first: percentile = (average rank - 1) / (n_heads_total - 1). profile = 1 - the mean over
+  families of the family's mean |p_A - p_B|: each family counts once, so pursuit's 36 concept
+  features do not outweigh the 10 pattern scores (`feature_family`). Metrics that name another head
+  (`is_identifier`) and metrics with one value for every head of a model are not features.
   Two unrelated heads score about 2/3 (E|U - V| = 1/3 for independent uniforms); identical rank
   profiles score 1. Failure case: features where most heads sit near zero (induction) rank by
   noise among the near-zero heads, which pulls unrelated "inactive" heads together.
@@ -21,6 +24,7 @@ exists (no lens readouts yet), `both` is that view.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -42,12 +46,24 @@ def _model(atlas: Atlas, spec: str) -> dict[str, Any]:
     return row
 
 
+def is_identifier(metric: str) -> bool:
+    """A metric that names another head (circuits' composition partner): an index, not a score to rank."""
+    return metric.endswith(("_partner_layer", "_partner_head"))
+
+
+def feature_family(name: str) -> str:
+    """The family a profile feature comes from; concept scores are Head Pursuit's."""
+    return "pursuit" if name.startswith("concept:") else name.split(".", 1)[0]
+
+
 def _features(atlas: Atlas, key: str) -> dict[str, dict[tuple[int, int], float]]:
-    """{feature: {(layer, head): value}} from the latest metrics and concept scores of one model."""
+    """{feature: {(layer, head): value}} from the latest metrics and concept scores of one model: the
+    metrics that score heads (not identifiers, not one value for every head)."""
     feats: dict[str, dict[tuple[int, int], float]] = {}
     for r in atlas.execute("SELECT metric, layer, head, value FROM latest_metrics WHERE model_key = ?",
                            [key]).to_pylist():
-        feats.setdefault(r["metric"], {})[(r["layer"], r["head"])] = r["value"]
+        if not is_identifier(r["metric"]):
+            feats.setdefault(r["metric"], {})[(r["layer"], r["head"])] = r["value"]
     rows = atlas.execute("""
         SELECT cs.concept, cs.layer, cs.head, cs.score FROM concept_scores cs JOIN runs r USING (run_id)
         WHERE r.status = 'complete' AND cs.model_key = ?
@@ -55,7 +71,16 @@ def _features(atlas: Atlas, key: str) -> dict[str, dict[tuple[int, int], float]]
                          [key]).to_pylist()
     for r in rows:
         feats.setdefault(f"concept:{r['concept']}", {})[(r["layer"], r["head"])] = r["score"]
-    return feats
+    return {name: column for name, column in feats.items()
+            if len({v for v in column.values() if v is not None and v == v}) > 1}
+
+
+def family_groups(names: list[str]) -> dict[str, list[int]]:
+    """Indices of `names` per family, in order."""
+    groups: dict[str, list[int]] = {}
+    for j, name in enumerate(names):
+        groups.setdefault(feature_family(name), []).append(j)
+    return groups
 
 
 def percentiles(values: np.ndarray) -> np.ndarray:
@@ -115,6 +140,7 @@ class Matcher:
         self.a, self.b = _model(atlas, model_a), _model(atlas, model_b)
         fa, fb = _features(atlas, self.a["model_key"]), _features(atlas, self.b["model_key"])
         self.features = sorted(set(fa) & set(fb))
+        self.groups = family_groups(self.features)
         self.heads_a, self.heads_b = _all_heads(self.a), _all_heads(self.b)
         self.pa = _profile_matrix(fa, self.features, self.heads_a)
         self.pb = _profile_matrix(fb, self.features, self.heads_b)
@@ -131,8 +157,10 @@ class Matcher:
         if not self.features:
             return np.full(len(self.heads_b), np.nan)
         diff = np.abs(self.pb - self.pa[i][None, :])  # (n_b, n_features)
-        with np.errstate(invalid="ignore"):
-            return 1.0 - np.nanmean(np.where(np.isnan(diff), np.nan, diff), axis=1)
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # a family with no value for a head: left out
+            per_family = np.stack([np.nanmean(diff[:, cols], axis=1) for cols in self.groups.values()], axis=1)
+            return 1.0 - np.nanmean(per_family, axis=1)
 
     def tokens(self, i: int) -> tuple[np.ndarray, list[list[str]]]:
         """Mean Jaccard overlap over shared kinds: (n_heads_b,), and the shared tokens per B head."""

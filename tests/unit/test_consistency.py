@@ -18,9 +18,11 @@ SHAPES = {"a": (8, 4), "b": (6, 5), "c": (10, 3)}
 OTHERS = [f"patterns.other{i}" for i in range(6)]
 
 
-def _build(db: Path, planted: bool, seed: int = 0) -> None:
+def _build(db: Path, planted: bool, seed: int = 0, noise_features: int = 0) -> None:
     """Three models. planted: induction peaks at depth ~0.5 and every other metric follows it (plus
-    noise), so depth, profile and recovery agree across models; else every value is independent noise."""
+    noise), so depth, profile and recovery agree across models; else every value is independent noise.
+    noise_features: that many more metrics of another family, independent noise in every model, plus a
+    circuits-style partner index and a metric with one value for every head."""
     rng = np.random.default_rng(seed)
     for alias, (n_layers, n_heads) in SHAPES.items():
         model = model_row(f"{alias}@1:safetensors", alias, n_layers=n_layers, n_heads=n_heads, n_kv_heads=1)
@@ -32,6 +34,11 @@ def _build(db: Path, planted: bool, seed: int = 0) -> None:
         metrics = {"patterns.induction": role}
         for name in OTHERS:
             metrics[name] = (role + 0.1 * rng.normal(size=depth.size)) if planted else rng.uniform(size=depth.size)
+        for i in range(noise_features):
+            metrics[f"pursuit.noise{i}"] = rng.uniform(size=depth.size)
+        if noise_features:
+            metrics["circuits.k_comp_partner_head"] = rng.integers(0, n_heads, size=depth.size).astype(float)
+            metrics["retrieval.tests_kept"] = np.full(depth.size, 30.0)
         rows = [{"layer": int(i // n_heads), "head": int(i % n_heads), "metric": m, "value": float(v[i]), "n": 10}
                 for m, v in metrics.items() for i in range(depth.size)]
         ingest(db, run_record(f"patterns-{alias}", model["model_key"]), model, {"head_metrics": rows})
@@ -58,6 +65,22 @@ def test_a_planted_role_is_consistent_in_every_view(tmp_path: Path) -> None:
     for model in entry["models"].values():
         assert all(abs(h["depth"] - 0.5) < 0.2 for h in model["top"])
     assert "alike beyond chance in depth" in entry["finding"]
+
+
+def test_a_family_of_many_noise_features_does_not_drown_the_profile(tmp_path: Path) -> None:
+    """60 unrelated metrics of one family beside the 6 informative ones of another: each family counts once,
+    so the profile still finds the planted role; identifiers and constants are not features at all."""
+    from atlas.match import _features
+
+    _build(tmp_path / "atlas.duckdb", planted=True, noise_features=60)
+    entry = _entry(tmp_path / "atlas.duckdb", top=3, draws=999)
+    for view in ("profile", "recovery"):
+        assert entry["views"][view]["q"] < 0.05, (view, entry["views"][view])
+    with Atlas(tmp_path / "atlas.duckdb") as atlas:
+        key = model_infos(atlas, ["a"])[0]["model_key"]
+        features = _features(atlas, key)
+    assert "pursuit.noise0" in features and "patterns.induction" in features
+    assert "circuits.k_comp_partner_head" not in features and "retrieval.tests_kept" not in features
 
 
 def test_unrelated_models_are_not_called_consistent(tmp_path: Path) -> None:
