@@ -338,7 +338,7 @@ def _depth_scatter(data: dict[str, Any], title: str, y_title: str, points: dict[
         pts = points.get(info["model_key"])
         if not pts:
             continue
-        traces.append({"type": "scatter", "mode": mode, "name": info["label"],
+        traces.append({"type": "scatter", "mode": mode, "name": info["label"], "meta": i,
                        "x": [p[0] for p in pts], "y": [p[1] for p in pts],
                        "customdata": [p[2:] for p in pts], "marker": {"color": PALETTE[i % len(PALETTE)], "size": 6,
                                                                        "opacity": 0.7},
@@ -387,6 +387,21 @@ def figures(data: dict[str, Any]) -> dict[str, dict]:
     return figs
 
 
+def page_figures(figs: dict[str, dict]) -> dict[str, dict]:
+    """The figures as the page embeds them: heatmaps without their z and hover indices, which the page
+    fills from the one embedded copy of the grids (the values appear once, exactly as stored)."""
+    out = {}
+    for fig_id, fig in figs.items():
+        if fig_id.startswith("heat-"):
+            trace = {k: v for k, v in fig["data"][0].items() if k not in ("z", "customdata")}
+            fig = {**fig, "data": [trace]}
+        elif fig_id.startswith("depth-"):  # per model: every head's (depth, value), also from the grids
+            fig = {**fig, "data": [{k: v for k, v in trace.items() if k not in ("x", "y", "customdata")}
+                                   for trace in fig["data"]]}
+        out[fig_id] = fig
+    return out
+
+
 def _script_json(obj: Any) -> str:
     """JSON safe inside <script>: no '</', and NaN never appears (None instead)."""
     return json.dumps(obj, default=str, allow_nan=False).replace("</", "<\\/")
@@ -401,7 +416,7 @@ def render_html(data: dict[str, Any]) -> str:
                              autoescape=jinja2.select_autoescape(["html", "j2"]))
     env.filters["num"] = lambda v: "" if v is None else f"{v:.4g}"
     env.filters["exact"] = lambda v: "" if v is None else repr(float(v))
-    figs = figures(data)
+    figs = page_figures(figures(data))
     client = {"models": data["models"], "metrics": data["metrics"], "roles": [
         {k: r[k] for k in ("metric", "label", "threshold")} for r in data["roles"]],
         "grids": {k: {m: c["values"] for m, c in per.items()} for k, per in data["grids"].items()}}
@@ -420,5 +435,5 @@ def write_report(data: dict[str, Any], out: str | Path) -> Path:
     return out
 
 
-__all__ = ["compare", "figures", "model_infos", "parse_thresholds", "render_html", "summary", "summary_text",
-           "write_report"]
+__all__ = ["compare", "figures", "model_infos", "page_figures", "parse_thresholds", "render_html", "summary",
+           "summary_text", "write_report"]

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from atlas.errors import BadInput, NotFound
-from atlas.report import compare, figures, parse_thresholds, render_html, summary, write_report
+from atlas.report import compare, figures, page_figures, parse_thresholds, render_html, summary, write_report
 from atlas.store import Atlas
 from tests.seed import ingest, run_record
 
@@ -144,11 +144,15 @@ def test_html_is_self_contained(tiny_db: Path, tmp_path: Path) -> None:
     assert not re.search(r"<script[^>]+src=", page) and not re.search(r"<link[^>]+href=", page)
     assert "connect-src 'none'" in page  # the CSP blocks any fetch the page might still try
     figs = json.loads(re.search(r'id="atlas-figures">(.*?)</script>', page, re.S).group(1))
-    assert figs == json.loads(json.dumps(figures(data)))
+    assert figs == json.loads(json.dumps(page_figures(figures(data))))
+    embedded = json.loads(re.search(r'id="atlas-data">(.*?)</script>', page, re.S).group(1))
     keys = [m["model_key"] for m in data["models"]]
     for mi, metric in enumerate(data["metrics"]):
         for i, key in enumerate(keys):
-            assert figs[f"heat-{mi}-{i}"]["data"][0]["z"] == data["grids"][key][metric]["values"]
+            # the values are embedded once, in the grids the page draws the heatmap from
+            assert "z" not in figs[f"heat-{mi}-{i}"]["data"][0]
+            assert embedded["grids"][key][metric] == data["grids"][key][metric]["values"]
+            assert [m["model_key"] for m in embedded["models"]][i] == key and embedded["metrics"][mi] == metric
             assert f'id="heat-{mi}-{i}"' in page
         assert f'id="depth-{mi}"' in page
     for run in data["runs"]:
