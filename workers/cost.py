@@ -286,15 +286,21 @@ def pursuit_work(s: Shape, c: dict[str, Any], room: float, elem: int) -> Work:
         rows = settings * HELDOUT_PER_CONCEPT
         prompt = PROMPT_TOKENS["heldout"]
         new = v["max_new_tokens"]
+        # settings per prefill/decode batch and per loss forward: batching.editing_settings / loss_settings
+        per_setting = HELDOUT_PER_CONCEPT * (kv_cache_bytes(s, prompt + new, elem)
+                                             + forward_bytes(s, prompt, elem, logits_rows=2))
+        batched = _fit(settings, per_setting, room)
         verify = Work(forwards=n_concepts * (1 + new), forward_tokens=n_concepts * rows * (prompt * resumed + new),
                       attention_pairs=n_concepts * rows * (prompt * prompt / 2 + new * (prompt + new / 2)),
                       logit_rows=n_concepts * rows * (1 + new), decode_steps=n_concepts * new,
-                      activation_bytes=rows * (forward_bytes(s, prompt, elem) + kv_cache_bytes(s, prompt + new, elem)))
+                      activation_bytes=batched * per_setting)
         if v.get("loss_windows"):
             loss_settings = 1 + (ks if v.get("loss_at") == "every" else 1) * len(v["alphas"]) * per_k
             tokens = n_concepts * loss_settings * v["loss_windows"] * v["window"]
+            per_loss = v["loss_windows"] * forward_bytes(s, v["window"], elem, logits_rows=3 * v["window"])
             verify = verify.add(Work(forwards=n_concepts * loss_settings, forward_tokens=tokens * resumed,
-                                     attention_pairs=tokens * v["window"] / 2, logit_rows=tokens))
+                                     attention_pairs=tokens * v["window"] / 2, logit_rows=tokens,
+                                     activation_bytes=_fit(loss_settings, per_loss, room) * per_loss))
         w = w.add(verify)
     w.notes.append(f"SOMP on the host CPU: {w.host_flops / 1e12:.2f} TFLOP-equivalents (float64, memory-bound "
                    f"steps) + {w.host_seconds:.1f} s of Python; readout shortlist on the device")
