@@ -143,7 +143,8 @@ def run_and_report(requests: list[BuildRequest], db: Path, as_json: bool, *, dev
     if as_json:
         emit_json(summary)
     else:
-        stderr.print(f"{report.planned} units planned, {report.skipped} already done, "
+        replayed = f"{report.replayed} ingested from an interrupted build's shards, " if report.replayed else ""
+        stderr.print(f"{report.planned} units planned, {report.skipped} already done, {replayed}"
                      f"{len(report.completed)} built ({report.rows} rows), {len(report.failed)} failed -> {db}")
         for run_id, error in report.failed.items():
             stderr.print(f"[red]failed[/] {run_id}: {error.splitlines()[0]}")

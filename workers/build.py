@@ -55,10 +55,12 @@ def build_lock(db: Path) -> Iterator[None]:
 
 @dataclass
 class BuildReport:
+    """What a build did: every planned unit is in exactly one of skipped, replayed, completed and failed."""
+
     planned: int = 0
     skipped: int = 0
     replayed: int = 0  # shards written by an earlier, interrupted driver and ingested now
-    completed: list[str] = field(default_factory=list)
+    completed: list[str] = field(default_factory=list)  # computed and ingested by this build
     failed: dict[str, str] = field(default_factory=dict)
     rows: int = 0
     seconds: float = 0.0
@@ -176,8 +178,7 @@ def _replay_orphans(todo: list[Unit], root: Path, writer: Writer, report: BuildR
         if manifest.exists() and json.loads(manifest.read_text())["run"]["status"] == "complete":
             with writer() as atlas:
                 report.rows += atlas.ingest(manifest.parent)
-            report.replayed += 1
-            report.completed.append(unit.run_id)
+            report.replayed += 1  # not also in `completed`: planned = skipped + replayed + completed + failed
             status.mark([unit.run_id], "complete")
         else:
             left.append(unit)

@@ -46,6 +46,22 @@ def test_build_twice_does_no_work_and_adds_no_rows(tiny_dir: Path, tmp_path: Pat
     assert json.loads(changed.stdout)["completed"] == 1 and _count(db, "runs") == 2
 
 
+def test_a_replayed_shard_counts_once(tiny_dir: Path, tmp_path: Path) -> None:
+    """A shard an interrupted driver wrote but never ingested is ingested by the next build, and the
+    summary counts that unit as replayed only: planned = skipped + replayed + completed + failed."""
+    from atlas.status import shard_root
+
+    first = tmp_path / "a.duckdb"
+    assert _build(tiny_dir, first).exit_code == 0
+    fresh = tmp_path / "b.duckdb"  # an atlas whose driver died after the shard was written
+    shutil.copytree(shard_root(first), shard_root(fresh))
+    result = _build(tiny_dir, fresh)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert (summary["planned"], summary["skipped"], summary["replayed"], summary["completed"]) == (1, 0, 1, 0)
+    assert _count(fresh) == _count(first) and _count(fresh, "runs") == 1
+
+
 def test_query_heads_models_commands(tiny_dir: Path, tmp_path: Path) -> None:
     db = tmp_path / "a.duckdb"
     assert _build(tiny_dir, db).exit_code == 0
