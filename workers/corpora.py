@@ -158,6 +158,10 @@ def _hf_dataset(name: str, text_field: str) -> Corpus:
     return Corpus(name.replace("/", "__"), tuple(ds[text_field]), {"source": f"hf:{name}", "field": text_field})
 
 
+# how token_windows cuts a corpus, for the run config's definitions of the families that read windows
+WINDOWS_DEFINITION = "prepend tokenizer BOS (else EOS); windows cut from texts joined by EOS"
+
+
 def token_windows(corpus: Corpus, tokenizer: Any, window: int, max_windows: int | None = None,
                   bos: int | None = None) -> Any:
     """Cut the corpus into fixed-length token windows, (n, window) long tensor; BOS first if given.

@@ -57,6 +57,39 @@ def capture_z(adapter: BoundAdapter, layers: Iterable[int] | None = None,
         yield store
 
 
+@contextmanager
+def eager_attention(model: Any) -> Iterator[None]:
+    """The model in eager attention, the only path that computes attention weights; restored on exit."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
+@contextmanager
+def weights_per_layer(adapter: BoundAdapter, reduce: Callable[[int, torch.Tensor], None]) -> Iterator[None]:
+    """Hand each layer's attention weights (batch, heads, T, T) to `reduce(layer, weights)` inside the layer,
+    then drop them from the module's output, so at most one layer's exist at a time.
+
+    `output_attentions=True` keeps every layer's weights until the forward ends (30 layers x 9 heads x T^2
+    for SmolLM2; 32 x 32 x T^2 for an 8B model, 34 GB at T = 1,024 for a batch of 8). Needs eager attention."""
+    def hook(module: nn.Module, args: tuple, output: Any, layer: int = 0) -> Any:
+        if not isinstance(output, tuple) or len(output) < 2 or output[1] is None:
+            raise RuntimeError(f"{type(module).__name__} returned no attention weights (not eager attention)")
+        reduce(layer, output[1])
+        return (output[0], None, *output[2:])
+
+    handles = [adapter.attention(layer).register_forward_hook(lambda m, a, o, _layer=layer: hook(m, a, o, _layer))
+               for layer in range(adapter.n_layers)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def scale_heads(heads: Iterable[tuple[int, int]], alpha: float) -> ZEdit:
     """Multiply the chosen heads' z by alpha (0 = zero ablation, -1 = invert, 5 = enhance)."""
     by_layer: dict[int, list[int]] = {}

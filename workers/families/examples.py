@@ -47,10 +47,10 @@ import torch
 from atlas.errors import BadInput
 from workers.adapters import BoundAdapter
 from workers.batching import patterns_batch
-from workers.corpora import load_corpus, token_windows
+from workers.corpora import WINDOWS_DEFINITION, load_corpus, token_windows
 from workers.families.base import FamilyResult, scaled_batch
 from workers.families.lens import check_corpus
-from workers.hooks import capture_z
+from workers.hooks import capture_z, eager_attention, weights_per_layer
 from workers.models import LoadedModel
 from workers.options import CORPUS, TEXT_FIELD, Option, resolve
 from workers.probes import bos_id
@@ -179,24 +179,10 @@ class ExampleStats:
 
 @contextmanager
 def reduced_per_layer(adapter: BoundAdapter, stats: ExampleStats, first_window: int) -> Iterator[None]:
-    """Hook every attention module (through the adapter): reduce its weights and z inside the layer, then
-    drop the weights from its output, so at most one layer's (B, H, T, T) exists at a time."""
-    handles = []
-    with capture_z(adapter) as zs:
-        def hook(module: torch.nn.Module, args: tuple, output: Any, layer: int = 0) -> Any:
-            if not isinstance(output, tuple) or len(output) < 2 or output[1] is None:
-                raise RuntimeError(f"{type(module).__name__} returned no attention weights (not eager attention)")
-            stats.layer(layer, output[1], zs.pop(layer), first_window)
-            return (output[0], None, *output[2:])
-
-        for layer in range(adapter.n_layers):
-            handles.append(adapter.attention(layer).register_forward_hook(
-                lambda m, a, o, _layer=layer: hook(m, a, o, _layer)))
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
+    """Reduce each layer's weights and z inside the layer (hooks.weights_per_layer), then drop them."""
+    with capture_z(adapter) as zs, weights_per_layer(
+            adapter, lambda layer, weights: stats.layer(layer, weights, zs.pop(layer), first_window)):
+        yield
 
 
 class ExamplesFamily:
@@ -225,7 +211,7 @@ class ExamplesFamily:
         "max_write": "max over q >= min_position of ||z_q W_O^h|| (post-attention norm folded, Gemma 2/3)",
         "candidates": "one per window and head: the window's best query position; top_k windows kept",
         "stored": "tokens q-context+1 .. q+after, their ids, the query's index, A[q, .] over them (0 after q)",
-        "bos": "prepend tokenizer BOS (else EOS); windows cut from texts joined by EOS",
+        "bos": WINDOWS_DEFINITION,
     }
 
     def config(self, options: dict[str, Any]) -> dict[str, Any]:
@@ -251,14 +237,10 @@ class ExamplesFamily:
         tokens = token_windows(corpus, lm.tokenizer, config["window"], config["windows"], bos=bos_id(lm.tokenizer))
         stats = ExampleStats(lm.adapter, config["top_k"], config["context"], config["min_position"])
         step = scaled_batch(config, patterns_batch(lm.model, lm.device, lm.dtype, tokens.shape[1], config["batch"]))
-        previous = lm.model.config._attn_implementation
-        lm.model.set_attn_implementation("eager")  # the only path that computes attention weights
-        try:
+        with eager_attention(lm.model):
             for start in range(0, tokens.shape[0], step):
                 with torch.inference_mode(), reduced_per_layer(lm.adapter, stats, start):
                     lm.model(tokens[start:start + step].to(lm.device), logits_to_keep=1, use_cache=False)
-        finally:
-            lm.model.set_attn_implementation(previous)
         rows = stats.example_rows(tokens, lm.tokenizer, config["after"])
         return FamilyResult({"head_examples": rows}, tokens=tokens.numel(),
                             extra_config={"n_windows": int(tokens.shape[0]), "corpus_provenance": corpus.provenance})

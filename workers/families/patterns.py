@@ -25,8 +25,10 @@ from typing import Any, ClassVar
 
 import torch
 
+from workers.adapters import BoundAdapter
 from workers.batching import patterns_batch
 from workers.families.base import FamilyResult, head_metric_rows, scaled_batch
+from workers.hooks import eager_attention, weights_per_layer
 from workers.models import LoadedModel
 from workers.options import SEED, Option, resolve
 from workers.probes import bos_id, repeated_tokens
@@ -107,17 +109,13 @@ class PatternsFamily:
         # sequences per forward: what fits the free memory (workers/batching.py), halved on a retry
         step = scaled_batch(config, patterns_batch(lm.model, lm.device, lm.dtype, tokens.shape[1], batch))
         chunks = []  # per minibatch: per layer {metric: (minibatch, heads)}
-        previous = lm.model.config._attn_implementation
-        lm.model.set_attn_implementation("eager")  # the only path that computes attention weights
-        try:
+        with eager_attention(lm.model):
             for start in range(0, batch, step):
                 part = tokens[start:start + step]
-                with torch.inference_mode(), scored_per_layer(lm.model, part, n, {
+                with torch.inference_mode(), scored_per_layer(lm.adapter, part, n, {
                         k: v[start:start + step] for k, v in targets.items()}) as per_layer:
                     lm.model(part.to(lm.device), logits_to_keep=1, use_cache=False)
                 chunks.append([per_layer[layer] for layer in range(lm.adapter.n_layers)])
-        finally:
-            lm.model.set_attn_implementation(previous)
         rows = []
         for metric in METRICS:
             stacked = torch.cat([torch.stack([layer[metric] for layer in chunk]) for chunk in chunks],
@@ -130,30 +128,17 @@ class PatternsFamily:
 
 
 @contextmanager
-def scored_per_layer(model: torch.nn.Module, tokens: torch.Tensor, n: int,
+def scored_per_layer(adapter: BoundAdapter, tokens: torch.Tensor, n: int,
                      targets: dict[str, torch.Tensor]) -> Iterator[dict[int, dict[str, torch.Tensor]]]:
-    """Score each layer's attention weights inside the layer and drop them: {layer: {metric: (b, heads)}}.
-
-    `output_attentions=True` keeps every layer's (batch, heads, T, T) weights until the forward ends
-    (30 layers x 9 heads x T^2 for SmolLM2; 32 x 32 x T^2 for an 8B model, 34 GB at T = 1,024 for a
-    batch of 8); here only one layer's exist at a time."""
-    from workers.families.retrieval.decode_probe import attention_modules
-
+    """Score each layer's attention weights inside the layer and drop them (hooks.weights_per_layer):
+    {layer: {metric: (b, heads)}}."""
     scores: dict[int, dict[str, torch.Tensor]] = {}
     on_device: dict[str, dict[str, torch.Tensor]] = {}  # the targets, moved once per device (device_map)
 
-    def hook(module: torch.nn.Module, args: tuple, output: Any) -> Any:
-        if not isinstance(output, tuple) or len(output) < 2 or output[1] is None:
-            raise RuntimeError(f"{type(module).__name__} returned no attention weights (not eager attention)")
-        weights = output[1]
+    def reduce(layer: int, weights: torch.Tensor) -> None:
         moved = on_device.setdefault(str(weights.device), {k: v.to(weights.device) for k, v in targets.items()})
         layer_scores = pattern_scores(weights, tokens, n, moved)
-        scores[int(module.layer_idx)] = {k: v.cpu() for k, v in layer_scores.items()}  # type: ignore[arg-type]
-        return (output[0], None, *output[2:])
+        scores[layer] = {k: v.cpu() for k, v in layer_scores.items()}
 
-    handles = [module.register_forward_hook(hook) for module in attention_modules(model)]
-    try:
+    with weights_per_layer(adapter, reduce):
         yield scores
-    finally:
-        for handle in handles:
-            handle.remove()

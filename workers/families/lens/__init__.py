@@ -43,7 +43,7 @@ import torch
 from atlas.errors import BadInput
 from workers.adapters import BoundAdapter, norm_gain
 from workers.batching import lens_batch
-from workers.corpora import EMBEDDED, load_corpus, token_windows
+from workers.corpora import EMBEDDED, WINDOWS_DEFINITION, load_corpus, token_windows
 from workers.families.base import FamilyResult, head_metric_rows, scaled_batch
 from workers.hooks import capture_z
 from workers.models import LoadedModel
@@ -135,7 +135,7 @@ class LensFamily:
 
     # how the metrics are defined: stored with every run (runs.config.definitions), not hashed into its id
     definitions: ClassVar[dict[str, str]] = {
-        "bos": "prepend tokenizer BOS (else EOS); windows cut from texts joined by EOS",
+        "bos": WINDOWS_DEFINITION,
         "positions": "1 .. T-2 of each window (skip BOS; each has a known next token)",
         "final_norm": "frozen per-position scale from the clean run (y = s gamma C x + beta)",
         "readout": "mean_p(s_p z_p) through W_U diag(gamma) C W_O^h, centred over the vocab",
